@@ -1,0 +1,457 @@
+use std::path::Path;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+
+use crate::proto::Verb;
+
+/// Which verbs pass when no explicit `allow` list is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Classic PIX Mailguard: the seven RFC 821 verbs.
+    Rfc821,
+    /// ASA `inspect esmtp`: the RFC 821 verbs plus eight ESMTP verbs.
+    Esmtp,
+    /// What mail needs today (the default).
+    Modern,
+}
+
+impl Mode {
+    /// The verbs this mode lets through.
+    pub fn verbs(self) -> &'static [Verb] {
+        const RFC821: &[Verb] = &[
+            Verb::HELO,
+            Verb::MAIL,
+            Verb::RCPT,
+            Verb::DATA,
+            Verb::RSET,
+            Verb::NOOP,
+            Verb::QUIT,
+        ];
+        const ESMTP: &[Verb] = &[
+            Verb::HELO,
+            Verb::MAIL,
+            Verb::RCPT,
+            Verb::DATA,
+            Verb::RSET,
+            Verb::NOOP,
+            Verb::QUIT,
+            Verb::AUTH,
+            Verb::EHLO,
+            Verb::ETRN,
+            Verb::HELP,
+            Verb::SAML,
+            Verb::SEND,
+            Verb::SOML,
+            Verb::VRFY,
+        ];
+        const MODERN: &[Verb] = &[
+            Verb::HELO,
+            Verb::EHLO,
+            Verb::MAIL,
+            Verb::RCPT,
+            Verb::DATA,
+            Verb::BDAT,
+            Verb::RSET,
+            Verb::NOOP,
+            Verb::QUIT,
+            Verb::AUTH,
+            Verb::STARTTLS,
+            Verb::HELP,
+        ];
+        match self {
+            Mode::Rfc821 => RFC821,
+            Mode::Esmtp => ESMTP,
+            Mode::Modern => MODERN,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Rfc821 => "rfc821",
+            Mode::Esmtp => "esmtp",
+            Mode::Modern => "modern",
+        }
+    }
+}
+
+/// How a blocked verb is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlockedReply {
+    /// `500 5.5.1 Command unrecognized`.
+    Reject,
+    /// `250 OK`, the deceptive legacy behaviour.
+    Ok,
+}
+
+/// What happens to a bare LF or bare CR inside DATA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BareLf {
+    /// The message is refused with `550 5.6.11` and not delivered.
+    Reject,
+    /// The bare line ending becomes CRLF; a dot line after it stays data.
+    Normalize,
+}
+
+/// What happens to STARTTLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartTls {
+    /// After the upstream's 220 the session becomes an opaque relay.
+    Pass,
+    /// STARTTLS is removed from the EHLO reply and blocked.
+    Strip,
+}
+
+/// A policy file could not be used. `Display` is one line, ready for stderr.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// The file could not be read.
+    #[error("{path}: cannot read policy: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a valid policy.
+    #[error("{path}:{line}:{column}: {message}")]
+    Invalid {
+        path: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+}
+
+/// An immutable, validated policy plus the tables derived from it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    pub mode: Mode,
+    /// The `allow` key as written, if present.
+    pub allow: Option<Vec<Verb>>,
+    pub blocked_reply: BlockedReply,
+    pub mask_banner: bool,
+    /// The `extensions` key as written (upper case), if present.
+    pub extensions: Option<Vec<String>>,
+    pub max_recipients: u32,
+    /// Bytes; 0 means no limit of the guard's own.
+    pub max_message_size: u64,
+    pub max_line_length: usize,
+    pub bare_lf: BareLf,
+    pub starttls: StartTls,
+    pub check_addresses: bool,
+    pub hard_error_limit: u32,
+    pub greeting_timeout: Duration,
+    pub command_timeout: Duration,
+    pub data_timeout: Duration,
+    pub final_timeout: Duration,
+    /// The verbs that pass: the mode's (or `allow`'s) minus those of removed extensions.
+    allowed: Vec<Verb>,
+}
+
+/// The longest line accepted during an AUTH exchange, whatever `max_line_length` says: RFC 4954
+/// asks servers to take at least 12288 octets there.
+pub const AUTH_LINE_LENGTH: usize = 12288;
+
+/// EHLO keywords that announce a verb; removing the keyword blocks the verb.
+const KEYWORD_VERBS: &[(&str, Verb)] = &[
+    ("STARTTLS", Verb::STARTTLS),
+    ("CHUNKING", Verb::BDAT),
+    ("AUTH", Verb::AUTH),
+    ("ETRN", Verb::ETRN),
+    ("ATRN", Verb::ATRN),
+    ("XCLIENT", Verb::XCLIENT),
+    ("XFORWARD", Verb::XFORWARD),
+    ("VRFY", Verb::VRFY),
+    ("EXPN", Verb::EXPN),
+    ("HELP", Verb::HELP),
+    ("TURN", Verb::TURN),
+    ("SAML", Verb::SAML),
+    ("SOML", Verb::SOML),
+    ("SEND", Verb::SEND),
+];
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy::from_file(File::default())
+    }
+}
+
+impl Policy {
+    /// Reads and validates a policy file.
+    pub fn load(path: &Path) -> Result<Policy, PolicyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Policy::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses policy text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Policy, PolicyError> {
+        let file: File = toml::from_str(text).map_err(|e| {
+            let offset = e.span().map(|s| s.start).unwrap_or(0);
+            let (line, column) = line_column(text, offset);
+            PolicyError::Invalid {
+                path: origin.to_string(),
+                line,
+                column,
+                message: e.message().trim().replace('\n', " "),
+            }
+        })?;
+        Ok(Policy::from_file(file))
+    }
+
+    fn from_file(file: File) -> Policy {
+        let allow: Option<Vec<Verb>> = file
+            .allow
+            .map(|list| list.into_iter().map(|v| v.0).collect());
+        let extensions: Option<Vec<String>> = file
+            .extensions
+            .map(|list| list.into_iter().map(|k| k.0).collect());
+        let starttls = file.starttls.unwrap_or(StartTls::Pass);
+        let mode = file.mode.unwrap_or(Mode::Modern);
+        let base: &[Verb] = allow.as_deref().unwrap_or(mode.verbs());
+        let mut allowed: Vec<Verb> = base
+            .iter()
+            .copied()
+            .filter(|&verb| {
+                if verb == Verb::STARTTLS && starttls == StartTls::Strip {
+                    return false;
+                }
+                match &extensions {
+                    None => true,
+                    Some(keep) => KEYWORD_VERBS
+                        .iter()
+                        .filter(|(_, v)| *v == verb)
+                        .all(|(kw, _)| keep.iter().any(|k| k == kw)),
+                }
+            })
+            .collect();
+        allowed.sort();
+        allowed.dedup();
+        Policy {
+            mode,
+            allow,
+            blocked_reply: file.blocked_reply.unwrap_or(BlockedReply::Reject),
+            mask_banner: file.mask_banner.unwrap_or(false),
+            extensions,
+            max_recipients: file.max_recipients.unwrap_or(1000),
+            max_message_size: file.max_message_size.unwrap_or(0),
+            max_line_length: file.max_line_length.map_or(2048, |n| n as usize),
+            bare_lf: file.bare_lf.unwrap_or(BareLf::Normalize),
+            starttls,
+            check_addresses: file.check_addresses.unwrap_or(false),
+            hard_error_limit: file.hard_error_limit.unwrap_or(20),
+            greeting_timeout: Duration::from_secs(file.greeting_timeout.unwrap_or(300)),
+            command_timeout: Duration::from_secs(file.command_timeout.unwrap_or(300)),
+            data_timeout: Duration::from_secs(file.data_timeout.unwrap_or(180)),
+            final_timeout: Duration::from_secs(file.final_timeout.unwrap_or(600)),
+            allowed,
+        }
+    }
+
+    /// Whether the verb may be forwarded to the upstream.
+    pub fn allows(&self, verb: Verb) -> bool {
+        self.allowed.contains(&verb)
+    }
+
+    /// The effective allow-list, sorted.
+    pub fn allowed_verbs(&self) -> &[Verb] {
+        &self.allowed
+    }
+
+    /// Whether an EHLO keyword of the upstream's reply is passed on to the client. A keyword
+    /// is kept when the `extensions` list (if any) names it and the verbs it announces are
+    /// allowed, so the client is never offered what the guard would then refuse.
+    pub fn keeps_keyword(&self, keyword: &[u8]) -> bool {
+        let listed = match &self.extensions {
+            None => true,
+            Some(keep) => keep.iter().any(|k| k.as_bytes().eq_ignore_ascii_case(keyword)),
+        };
+        if !listed {
+            return false;
+        }
+        let verb_ok = KEYWORD_VERBS
+            .iter()
+            .filter(|(kw, _)| kw.as_bytes().eq_ignore_ascii_case(keyword))
+            .all(|(_, verb)| self.allows(*verb));
+        // BINARYMIME bodies can only travel by BDAT.
+        let binary_ok = !keyword.eq_ignore_ascii_case(b"BINARYMIME") || self.allows(Verb::BDAT);
+        verb_ok && binary_ok
+    }
+
+    /// The mode's name as written in a policy file.
+    pub fn mode_name(&self) -> &'static str {
+        self.mode.name()
+    }
+}
+
+/// The file as written: every key optional, unknown keys refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    mode: Option<Mode>,
+    allow: Option<Vec<VerbName>>,
+    blocked_reply: Option<BlockedReply>,
+    mask_banner: Option<bool>,
+    extensions: Option<Vec<Keyword>>,
+    max_recipients: Option<u32>,
+    max_message_size: Option<u64>,
+    #[serde(default, deserialize_with = "line_length")]
+    max_line_length: Option<u32>,
+    bare_lf: Option<BareLf>,
+    starttls: Option<StartTls>,
+    check_addresses: Option<bool>,
+    #[serde(default, deserialize_with = "at_least_one")]
+    hard_error_limit: Option<u32>,
+    #[serde(default, deserialize_with = "seconds")]
+    greeting_timeout: Option<u64>,
+    #[serde(default, deserialize_with = "seconds")]
+    command_timeout: Option<u64>,
+    #[serde(default, deserialize_with = "seconds")]
+    data_timeout: Option<u64>,
+    #[serde(default, deserialize_with = "seconds")]
+    final_timeout: Option<u64>,
+}
+
+/// A verb named in `allow`.
+#[derive(Debug)]
+struct VerbName(Verb);
+
+impl<'de> Deserialize<'de> for VerbName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Verb::from_token(s.as_bytes())
+            .map(VerbName)
+            .ok_or_else(|| de::Error::custom(format!("`{s}` is not an SMTP verb (1 to 8 letters)")))
+    }
+}
+
+/// An EHLO keyword named in `extensions`.
+#[derive(Debug)]
+struct Keyword(String);
+
+impl<'de> Deserialize<'de> for Keyword {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let valid = !s.is_empty()
+            && s.as_bytes()[0].is_ascii_alphanumeric()
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if valid {
+            Ok(Keyword(s.to_ascii_uppercase()))
+        } else {
+            Err(de::Error::custom(format!(
+                "`{s}` is not an EHLO keyword (letters, digits and '-')"
+            )))
+        }
+    }
+}
+
+fn line_length<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    let n = u32::deserialize(d)?;
+    if !(64..=1 << 20).contains(&n) {
+        return Err(de::Error::custom(format!(
+            "max_line_length must be between 64 and 1048576, not {n}"
+        )));
+    }
+    Ok(Some(n))
+}
+
+fn at_least_one<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    let n = u32::deserialize(d)?;
+    if n == 0 {
+        return Err(de::Error::custom("must be at least 1"));
+    }
+    Ok(Some(n))
+}
+
+fn seconds<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let n = u64::deserialize(d)?;
+    if !(1..=86_400).contains(&n) {
+        return Err(de::Error::custom(format!(
+            "a timeout is 1 to 86400 seconds, not {n}"
+        )));
+    }
+    Ok(Some(n))
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..text.floor_char_boundary(offset)];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Policy::parse(text, "p.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_are_modern_and_lenient() {
+        let p = Policy::parse("", "p.toml").unwrap();
+        assert_eq!(p, Policy::default());
+        assert_eq!(p.mode, Mode::Modern);
+        assert!(p.allows(Verb::BDAT) && p.allows(Verb::STARTTLS) && p.allows(Verb::AUTH));
+        assert!(!p.allows(Verb::VRFY) && !p.allows(Verb::ETRN));
+        assert!(p.keeps_keyword(b"PIPELINING") && p.keeps_keyword(b"chunking"));
+        assert!(!p.keeps_keyword(b"ETRN") && !p.keeps_keyword(b"XCLIENT"));
+    }
+
+    #[test]
+    fn modes_have_their_verbs() {
+        let p = Policy::parse("mode = \"rfc821\"", "p").unwrap();
+        assert_eq!(p.allowed_verbs().len(), 7);
+        assert!(!p.allows(Verb::EHLO));
+        let p = Policy::parse("mode = \"esmtp\"", "p").unwrap();
+        assert_eq!(p.allowed_verbs().len(), 15);
+        assert!(p.allows(Verb::VRFY) && !p.allows(Verb::BDAT) && !p.allows(Verb::STARTTLS));
+        assert!(!p.keeps_keyword(b"CHUNKING") && !p.keeps_keyword(b"BINARYMIME"));
+    }
+
+    #[test]
+    fn allow_overrides_mode() {
+        let p = Policy::parse("mode = \"rfc821\"\nallow = [\"ehlo\", \"QUIT\"]", "p").unwrap();
+        assert_eq!(p.allowed_verbs(), &[Verb::EHLO, Verb::QUIT][..]);
+    }
+
+    #[test]
+    fn removed_extension_blocks_its_verb() {
+        let p = Policy::parse("extensions = [\"PIPELINING\", \"SIZE\", \"8bitmime\"]", "p").unwrap();
+        assert!(!p.allows(Verb::BDAT) && !p.allows(Verb::STARTTLS) && !p.allows(Verb::AUTH));
+        assert!(p.allows(Verb::MAIL));
+        assert!(p.keeps_keyword(b"8BITMIME") && !p.keeps_keyword(b"DSN"));
+        let p = Policy::parse("starttls = \"strip\"", "p").unwrap();
+        assert!(!p.allows(Verb::STARTTLS) && !p.keeps_keyword(b"STARTTLS"));
+    }
+
+    #[test]
+    fn errors_name_line_and_column() {
+        assert_eq!(
+            err("mode = \"modern\"\nbogus = 1\n"),
+            "p.toml:2:1: unknown field `bogus`, expected one of `mode`, `allow`, `blocked_reply`, `mask_banner`, `extensions`, `max_recipients`, `max_message_size`, `max_line_length`, `bare_lf`, `starttls`, `check_addresses`, `hard_error_limit`, `greeting_timeout`, `command_timeout`, `data_timeout`, `final_timeout`"
+        );
+        let e = err("mode = \"pix\"");
+        assert!(e.starts_with("p.toml:1:8: unknown variant `pix`"), "{e}");
+        let e = err("allow = [\"MAIL\", \"X-1\"]");
+        assert!(e.starts_with("p.toml:1:9: `X-1` is not an SMTP verb"), "{e}");
+        let e = err("max_line_length = 10");
+        assert!(e.starts_with("p.toml:1:19: max_line_length must be"), "{e}");
+        let e = err("mask_banner = \"yes\"");
+        assert!(e.starts_with("p.toml:1:15: invalid type"), "{e}");
+        assert!(!e.contains('\n'));
+        let e = err("mode = ");
+        assert!(e.starts_with("p.toml:1:8:"), "{e}");
+    }
+}

@@ -1,0 +1,8 @@
+//! The sans-IO SMTP inspection engine: bytes and time in, [`crate::relay::Action`]s out.
+//!
+//! It owns every SMTP and policy decision. It must not touch sockets, threads, clocks or
+//! io_uring: the caller hands it bytes, events and the current time.
+
+mod verb;
+
+pub use verb::Verb;
