@@ -4,5 +4,6 @@
 //! `config` the policy, and `relay` the vocabulary the engine and the ring share.
 
 pub mod config;
+pub mod io;
 pub mod proto;
 pub mod relay;

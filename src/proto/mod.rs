@@ -3,6 +3,7 @@
 //! It owns every SMTP and policy decision. It must not touch sockets, threads, clocks or
 //! io_uring: the caller hands it bytes, events and the current time.
 
+pub mod data;
 mod verb;
 
 pub use verb::Verb;

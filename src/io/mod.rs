@@ -1,0 +1,1 @@
+//! The thread-per-core io_uring ring (being built).

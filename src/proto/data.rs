@@ -1,0 +1,1 @@
+//! The DATA body scanner (being built).
