@@ -7,4 +7,6 @@
 
 mod policy;
 
+pub use policy::AUTH_LINE_LENGTH;
+
 pub use policy::{BareLf, BlockedReply, Mode, Policy, PolicyError, StartTls};

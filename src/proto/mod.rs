@@ -3,7 +3,11 @@
 //! It owns every SMTP and policy decision. It must not touch sockets, threads, clocks or
 //! io_uring: the caller hands it bytes, events and the current time.
 
+mod command;
 pub mod data;
+pub mod reply;
+mod session;
 mod verb;
 
+pub use session::Session;
 pub use verb::Verb;

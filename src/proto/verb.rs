@@ -34,6 +34,20 @@ impl Verb {
     pub const XCLIENT: Verb = Verb::constant(b"XCLIENT");
     pub const XFORWARD: Verb = Verb::constant(b"XFORWARD");
 
+    /// Whether this is an HTTP method: a client speaking HTTP to port 25 is answered once and
+    /// dropped instead of being fed error replies line by line.
+    pub fn is_http_method(self) -> bool {
+        const METHODS: [Verb; 6] = [
+            Verb::constant(b"GET"),
+            Verb::constant(b"POST"),
+            Verb::constant(b"HEAD"),
+            Verb::constant(b"PUT"),
+            Verb::constant(b"CONNECT"),
+            Verb::constant(b"OPTIONS"),
+        ];
+        METHODS.contains(&self)
+    }
+
     /// Builds a verb from a literal; only for upper-case constants of 1..=8 letters.
     const fn constant(name: &[u8]) -> Verb {
         assert!(!name.is_empty() && name.len() <= 8);

@@ -1,0 +1,1014 @@
+//! One proxied SMTP session as a state machine: client bytes, upstream bytes, connection
+//! events and the time go in; [`Action`]s come out.
+//!
+//! The session owns the SMTP dialogue between the two sides: which client commands are
+//! forwarded and which it answers itself, pairing each upstream reply with the command it
+//! answers (so pipelined replies stay in order), the DATA and BDAT phases, and the recovery
+//! when a message has to be refused after it was partly relayed. It must not touch sockets,
+//! clocks or threads.
+//!
+//! Three rules carry the guarantees:
+//! - The client sees a reply to a message (`250`) only when the upstream sent it; the guard's
+//!   own replies to a message are always refusals.
+//! - At a synchronisation point (DATA, AUTH, STARTTLS awaiting their reply) the session stops
+//!   reading client bytes and holds them, because what they are (body, SASL response, TLS
+//!   or injected plaintext) depends on the reply.
+//! - A message the guard refuses after relaying part of it is aborted by dropping the upstream
+//!   connection before its end of data; a new connection is opened and the client's HELO/EHLO
+//!   (and AUTH exchange) replayed, so the next message of the session works.
+
+use std::collections::VecDeque;
+use std::mem;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::config::{BareLf, BlockedReply, Policy};
+use crate::relay::{Action, Chunk, Proxy, Side};
+
+use super::command::{self, AddressFault};
+use super::data::{Bare, DataScanner, Piece};
+use super::reply::{self, Reply, ReplyBytes, ReplyParser};
+use super::Verb;
+
+/// The replies the guard writes itself.
+mod text {
+    pub const BLOCKED: &[u8] = b"500 5.5.1 Command unrecognized\r\n";
+    pub const BLOCKED_OK: &[u8] = b"250 OK\r\n";
+    pub const LINE_TOO_LONG: &[u8] = b"500 5.5.2 Line too long\r\n";
+    pub const SYNTAX: &[u8] = b"500 5.5.2 Syntax error\r\n";
+    pub const BAD_PARAMETERS: &[u8] = b"501 5.5.4 Syntax error in parameters\r\n";
+    pub const TOO_MANY_RCPTS: &[u8] = b"452 4.5.3 Too many recipients\r\n";
+    pub const TOO_BIG: &[u8] = b"552 5.3.4 Message size exceeds fixed maximum message size\r\n";
+    pub const BARE_LF: &[u8] = b"550 5.6.11 Message contains bare CR or LF\r\n";
+    pub const NUL: &[u8] = b"550 5.6.0 Message contains NUL bytes\r\n";
+    pub const BAD_ADDRESS_CHAR: &[u8] = b"553 5.1.3 Invalid character in address\r\n";
+    pub const BAD_ADDRESS_SYNTAX: &[u8] = b"501 5.5.4 Syntax error in address\r\n";
+    pub const UNAVAILABLE: &[u8] = b"421 4.3.0 Service unavailable, try again later\r\n";
+    pub const UPSTREAM_LOST: &[u8] = b"421 4.3.0 Upstream connection lost\r\n";
+    pub const UPSTREAM_LOST_DATA: &[u8] =
+        b"451 4.3.0 Upstream connection lost, message not delivered\r\n";
+    pub const UPSTREAM_PROTOCOL: &[u8] = b"421 4.3.0 Upstream protocol error\r\n";
+    pub const TOO_MANY_ERRORS: &[u8] = b"421 4.7.0 Too many errors, closing connection\r\n";
+    pub const PROTOCOL: &[u8] = b"421 4.7.0 Protocol error, closing connection\r\n";
+    pub const TIMEOUT: &[u8] = b"421 4.4.2 Timeout, closing connection\r\n";
+    pub const UPSTREAM_TIMEOUT: &[u8] = b"421 4.4.2 Upstream timeout\r\n";
+    pub const UPSTREAM_TIMEOUT_DATA: &[u8] = b"451 4.4.2 Upstream timeout\r\n";
+    pub const TOO_MUCH_INPUT: &[u8] =
+        b"421 4.7.0 Too much pipelined input, closing connection\r\n";
+}
+
+/// Most client bytes held at a synchronisation point. A client that pipelines this much
+/// without waiting for replies is not an SMTP client.
+const MAX_HELD: usize = 256 * 1024;
+/// Most commands awaiting their reply; past it, client input is held until replies drain.
+const MAX_PENDING: usize = 1024;
+
+/// The state of the upstream connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Up {
+    /// Connect asked for; `replay` marks a reconnect after an aborted message.
+    Connecting { replay: bool },
+    /// Connected, awaiting the greeting.
+    Greeting { replay: bool },
+    /// Reconnected: `sent` lines of the HELO/AUTH replay are out, the last awaits its reply.
+    Replaying { sent: usize },
+    /// Greeted; commands flow.
+    Ready,
+    /// Gone for good; the session ends once the client has had its answer.
+    Gone,
+}
+
+/// What the client's bytes are, at the current point of the dialogue.
+#[derive(Debug)]
+enum ClientMode {
+    /// Command lines.
+    Command,
+    /// The next line is a SASL response (the upstream answered 334).
+    Sasl,
+    /// A DATA body.
+    Data(Box<DataState>),
+    /// `remaining` bytes of a BDAT chunk, forwarded or skipped.
+    Bdat { remaining: u64, forward: bool },
+    /// After STARTTLS in `pass` mode: bytes are relayed blind both ways.
+    Opaque,
+}
+
+#[derive(Debug)]
+struct DataState {
+    scanner: DataScanner,
+    /// Why the message will be refused, once known; nothing more is forwarded then.
+    fail: Option<Fail>,
+}
+
+/// Why a message being relayed is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fail {
+    Size,
+    BareLineEnd,
+    Nul,
+    UpstreamLost,
+}
+
+impl Fail {
+    fn reply(self) -> &'static [u8] {
+        match self {
+            Fail::Size => text::TOO_BIG,
+            Fail::BareLineEnd => text::BARE_LF,
+            Fail::Nul => text::NUL,
+            Fail::UpstreamLost => text::UPSTREAM_LOST_DATA,
+        }
+    }
+}
+
+/// A reply the client is owed, in command order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pending {
+    /// The upstream will answer a forwarded command.
+    Upstream(Expect),
+    /// The guard answers, once every earlier reply has gone out.
+    Local { reply: &'static [u8], close: bool },
+}
+
+/// The forwarded command an upstream reply answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    Ehlo,
+    Data,
+    DataEnd,
+    Bdat { last: bool },
+    Auth,
+    StartTls,
+    Quit,
+    Other,
+}
+
+/// Whether client bytes being processed are the input of the current call (and can be
+/// forwarded by range) or bytes the session held from earlier calls (and must be copied).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Src {
+    Input,
+    Held,
+}
+
+/// A command line as received, for forwarding: `at` is its offset in the call's input when it
+/// lies there whole and ends in CRLF, so it can be forwarded by range.
+struct Line<'a> {
+    raw: &'a [u8],
+    at: Option<usize>,
+}
+
+impl Line<'_> {
+    /// The line without its ending.
+    fn content(&self) -> &[u8] {
+        let l = self.raw.strip_suffix(b"\n").unwrap_or(self.raw);
+        l.strip_suffix(b"\r").unwrap_or(l)
+    }
+
+    /// The line to forward: as received when it ended in CRLF, else with CRLF put right.
+    fn chunk(&self) -> Chunk {
+        match self.at {
+            Some(at) => Chunk::Input(at..at + self.raw.len()),
+            None => Chunk::Owned(self.owned()),
+        }
+    }
+
+    fn owned(&self) -> Vec<u8> {
+        let content = self.content();
+        let mut v = Vec::with_capacity(content.len() + 2);
+        v.extend_from_slice(content);
+        v.extend_from_slice(b"\r\n");
+        v
+    }
+}
+
+/// One SMTP session between a client and the upstream.
+#[derive(Debug)]
+pub struct Session {
+    policy: Arc<Policy>,
+    up: Up,
+    mode: ClientMode,
+    parser: ReplyParser,
+    pending: VecDeque<Pending>,
+    /// A command line split across inputs.
+    line: Vec<u8>,
+    /// An over-long line is being skipped up to its LF.
+    discarding: bool,
+    /// Client bytes waiting for a synchronisation point to resolve.
+    held: Vec<u8>,
+    /// QUIT was forwarded or the guard decided to close: client bytes are ignored.
+    stop_reading: bool,
+    client_eof: bool,
+    closed: bool,
+    /// Recipients forwarded in this transaction.
+    rcpts: u32,
+    /// Bytes announced by BDAT in this transaction.
+    bdat_total: u64,
+    /// Set when the guard refused a BDAT transaction midway: later chunks get this reply.
+    bdat_refused: Option<&'static [u8]>,
+    errors: u32,
+    /// The client's last HELO/EHLO line and its completed AUTH exchange, for a replay.
+    helo: Option<Vec<u8>>,
+    auth: Vec<Vec<u8>>,
+    auth_in_progress: Vec<Vec<u8>>,
+    /// Scratch for the scanner's output, kept to avoid an allocation per DATA chunk.
+    pieces: Vec<Piece>,
+    now: Instant,
+    client_since: Instant,
+    upstream_since: Instant,
+}
+
+impl Session {
+    /// A session for a client just accepted, under `policy`.
+    pub fn new(policy: Arc<Policy>, now: Instant) -> Session {
+        Session {
+            policy,
+            up: Up::Connecting { replay: false },
+            mode: ClientMode::Command,
+            parser: ReplyParser::default(),
+            pending: VecDeque::new(),
+            line: Vec::new(),
+            discarding: false,
+            held: Vec::new(),
+            stop_reading: false,
+            client_eof: false,
+            closed: false,
+            rcpts: 0,
+            bdat_total: 0,
+            bdat_refused: None,
+            errors: 0,
+            helo: None,
+            auth: Vec::new(),
+            auth_in_progress: Vec::new(),
+            pieces: Vec::new(),
+            now,
+            client_since: now,
+            upstream_since: now,
+        }
+    }
+
+    /// Whether the session has ended.
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    // ----- client side -------------------------------------------------------------------
+
+    /// Client bytes that cannot be read now: a reply decides what they are, the upstream is
+    /// not ready, or too many replies are outstanding.
+    fn must_hold(&self) -> bool {
+        match self.mode {
+            ClientMode::Command | ClientMode::Sasl => {
+                self.at_sync_point()
+                    || !matches!(self.up, Up::Ready)
+                    || self.pending.len() >= MAX_PENDING
+            }
+            ClientMode::Data(_) | ClientMode::Bdat { .. } | ClientMode::Opaque => false,
+        }
+    }
+
+    /// The last forwarded command is one whose reply decides what the next client bytes are.
+    /// Processing stops right after such a command, so it is always the last pending entry.
+    fn at_sync_point(&self) -> bool {
+        matches!(
+            self.pending.back(),
+            Some(Pending::Upstream(Expect::Data | Expect::Auth | Expect::StartTls))
+        )
+    }
+
+    /// Processes client bytes until they run out or must be held; returns how many were used.
+    fn feed(&mut self, bytes: &[u8], src: Src, out: &mut Vec<Action>) -> usize {
+        let mut pos = 0;
+        while pos < bytes.len() && !self.stop_reading && !self.must_hold() {
+            pos += match self.mode {
+                ClientMode::Command | ClientMode::Sasl => self.feed_line(bytes, pos, src, out),
+                ClientMode::Data(_) => self.feed_data(bytes, pos, src, out),
+                ClientMode::Bdat { .. } => self.feed_bdat(bytes, pos, src, out),
+                ClientMode::Opaque => {
+                    send(out, Side::Upstream, chunk(bytes, pos..bytes.len(), src));
+                    bytes.len() - pos
+                }
+            };
+        }
+        if self.stop_reading {
+            return bytes.len();
+        }
+        pos
+    }
+
+    fn hold(&mut self, rest: &[u8], out: &mut Vec<Action>) {
+        if rest.is_empty() || self.stop_reading {
+            return;
+        }
+        if self.held.len() + rest.len() > MAX_HELD {
+            self.fail_close(text::TOO_MUCH_INPUT, out);
+            return;
+        }
+        self.held.extend_from_slice(rest);
+    }
+
+    /// Goes on with held client bytes once nothing stops them any more.
+    fn resume(&mut self, out: &mut Vec<Action>) {
+        if self.held.is_empty() || self.must_hold() || self.closed {
+            return;
+        }
+        let mut held = mem::take(&mut self.held);
+        let used = self.feed(&held, Src::Held, out);
+        held.drain(..used);
+        if held.is_empty() {
+            // An idle session should not keep a large buffer alive.
+            held = Vec::new();
+        }
+        self.held = held;
+    }
+
+    /// Reads command-line bytes from `bytes[pos..]`: completes at most one line.
+    fn feed_line(&mut self, bytes: &[u8], pos: usize, src: Src, out: &mut Vec<Action>) -> usize {
+        let rest = &bytes[pos..];
+        let fresh_line = self.line.is_empty() && !self.discarding;
+        if fresh_line && matches!(self.mode, ClientMode::Command) && is_binary_handshake(rest[0]) {
+            // A TLS ClientHello (or SSLv2 hello) on the plain port: it will never send LF.
+            self.fail_close(text::PROTOCOL, out);
+            return rest.len();
+        }
+        let limit = self.line_limit(if self.line.is_empty() { rest } else { &self.line });
+        let Some(lf) = memchr::memchr(b'\n', rest) else {
+            if !self.discarding {
+                if self.line.len() + rest.len() > limit + 1 {
+                    self.discarding = true;
+                    self.line = Vec::new();
+                } else {
+                    self.line.extend_from_slice(rest);
+                }
+            }
+            return rest.len();
+        };
+        let used = lf + 1;
+        if self.discarding {
+            self.discarding = false;
+            self.local_error(text::LINE_TOO_LONG, out);
+        } else if self.line.is_empty() {
+            let at = (src == Src::Input && rest[..used].ends_with(b"\r\n")).then_some(pos);
+            let line = Line { raw: &rest[..used], at };
+            self.on_line(&line, limit, out);
+        } else {
+            let mut joined = mem::take(&mut self.line);
+            joined.extend_from_slice(&rest[..used]);
+            self.on_line(&Line { raw: &joined, at: None }, limit, out);
+        }
+        used
+    }
+
+    /// The longest line accepted: AUTH exchanges get the RFC 4954 allowance.
+    fn line_limit(&self, head: &[u8]) -> usize {
+        let auth = matches!(self.mode, ClientMode::Sasl)
+            || head.get(..5).is_some_and(|h| h.eq_ignore_ascii_case(b"AUTH "));
+        if auth {
+            self.policy.max_line_length.max(crate::config::AUTH_LINE_LENGTH)
+        } else {
+            self.policy.max_line_length
+        }
+    }
+
+    fn on_line(&mut self, line: &Line<'_>, limit: usize, out: &mut Vec<Action>) {
+        if line.content().len() > limit {
+            self.local_error(text::LINE_TOO_LONG, out);
+            return;
+        }
+        if matches!(self.mode, ClientMode::Sasl) {
+            self.mode = ClientMode::Command;
+            self.auth_in_progress.push(line.owned());
+            self.forward(line.chunk(), Expect::Auth, out);
+            return;
+        }
+        self.on_command(line, out);
+    }
+
+    fn on_command(&mut self, line: &Line<'_>, out: &mut Vec<Action>) {
+        let content = line.content();
+        let Some((verb, _)) = Verb::of_line(content) else {
+            let reply = if content.is_empty() || !is_clean(content) {
+                text::SYNTAX
+            } else {
+                self.blocked_reply()
+            };
+            self.local_error(reply, out);
+            return;
+        };
+        if verb.is_http_method() && !self.policy.allows(verb) {
+            self.fail_close(text::PROTOCOL, out);
+            return;
+        }
+        if (verb == Verb::MAIL || verb == Verb::RCPT) && self.policy.check_addresses {
+            if let Err(fault) = command::check_address(content) {
+                let reply = match fault {
+                    AddressFault::SpecialCharacter => text::BAD_ADDRESS_CHAR,
+                    AddressFault::Unbalanced => text::BAD_ADDRESS_SYNTAX,
+                };
+                self.local_error(reply, out);
+                return;
+            }
+        }
+        if !is_clean(content) {
+            self.local_error(text::SYNTAX, out);
+            return;
+        }
+        if !self.policy.allows(verb) {
+            if verb == Verb::BDAT {
+                // The chunk still follows by length and must not be read as commands.
+                if let Some(b) = command::bdat_args(content) {
+                    self.mode = ClientMode::Bdat { remaining: b.size, forward: false };
+                }
+            }
+            let reply = self.blocked_reply();
+            self.local_error(reply, out);
+            return;
+        }
+        self.on_allowed(verb, line, out);
+    }
+
+    fn blocked_reply(&self) -> &'static [u8] {
+        match self.policy.blocked_reply {
+            BlockedReply::Reject => text::BLOCKED,
+            BlockedReply::Ok => text::BLOCKED_OK,
+        }
+    }
+
+    fn on_allowed(&mut self, verb: Verb, line: &Line<'_>, out: &mut Vec<Action>) {
+        let content = line.content();
+        match verb {
+            Verb::EHLO | Verb::HELO => {
+                self.reset_transaction();
+                self.helo = Some(line.owned());
+                let expect = if verb == Verb::EHLO { Expect::Ehlo } else { Expect::Other };
+                self.forward(line.chunk(), expect, out);
+            }
+            Verb::MAIL => {
+                let max = self.policy.max_message_size;
+                if max > 0 && command::size_param(content).is_some_and(|size| size > max) {
+                    self.local(text::TOO_BIG, false, out);
+                    return;
+                }
+                self.reset_transaction();
+                self.forward(line.chunk(), Expect::Other, out);
+            }
+            Verb::RCPT => {
+                if self.rcpts >= self.policy.max_recipients {
+                    self.local(text::TOO_MANY_RCPTS, false, out);
+                    return;
+                }
+                self.rcpts += 1;
+                self.forward(line.chunk(), Expect::Other, out);
+            }
+            Verb::RSET => {
+                self.reset_transaction();
+                self.forward(line.chunk(), Expect::Other, out);
+            }
+            Verb::DATA => self.forward(line.chunk(), Expect::Data, out),
+            Verb::BDAT => self.on_bdat(line, out),
+            Verb::AUTH => {
+                self.auth_in_progress = vec![line.owned()];
+                self.forward(line.chunk(), Expect::Auth, out);
+            }
+            Verb::STARTTLS => self.forward(line.chunk(), Expect::StartTls, out),
+            Verb::QUIT => {
+                self.stop_reading = true;
+                self.forward(line.chunk(), Expect::Quit, out);
+            }
+            _ => self.forward(line.chunk(), Expect::Other, out),
+        }
+    }
+
+    fn on_bdat(&mut self, line: &Line<'_>, out: &mut Vec<Action>) {
+        let Some(b) = command::bdat_args(line.content()) else {
+            self.local_error(text::BAD_PARAMETERS, out);
+            return;
+        };
+        if let Some(reply) = self.bdat_refused {
+            self.mode = ClientMode::Bdat { remaining: b.size, forward: false };
+            if b.last {
+                self.reset_transaction();
+            }
+            self.local(reply, false, out);
+            return;
+        }
+        self.bdat_total = self.bdat_total.saturating_add(b.size);
+        let max = self.policy.max_message_size;
+        if max > 0 && self.bdat_total > max {
+            self.mode = ClientMode::Bdat { remaining: b.size, forward: false };
+            self.abort_upstream(text::TOO_BIG, out);
+            if b.last {
+                self.reset_transaction();
+            } else {
+                self.bdat_refused = Some(text::TOO_BIG);
+            }
+            self.local(text::TOO_BIG, false, out);
+            return;
+        }
+        self.forward(line.chunk(), Expect::Bdat { last: b.last }, out);
+        if b.last {
+            self.reset_transaction();
+        }
+        self.mode = ClientMode::Bdat { remaining: b.size, forward: true };
+    }
+
+    fn reset_transaction(&mut self) {
+        self.rcpts = 0;
+        self.bdat_total = 0;
+        self.bdat_refused = None;
+    }
+
+    fn feed_bdat(&mut self, bytes: &[u8], pos: usize, src: Src, out: &mut Vec<Action>) -> usize {
+        let ClientMode::Bdat { remaining, forward } = &mut self.mode else {
+            return 0;
+        };
+        let n = (bytes.len() - pos).min(usize::try_from(*remaining).unwrap_or(usize::MAX));
+        *remaining -= n as u64;
+        if *forward && n > 0 {
+            send(out, Side::Upstream, chunk(bytes, pos..pos + n, src));
+        }
+        if *remaining == 0 {
+            self.mode = ClientMode::Command;
+        }
+        n
+    }
+
+    fn feed_data(&mut self, bytes: &[u8], pos: usize, src: Src, out: &mut Vec<Action>) -> usize {
+        let ClientMode::Data(state) = &mut self.mode else {
+            return 0;
+        };
+        let mut pieces = mem::take(&mut self.pieces);
+        pieces.clear();
+        let scanned = state.scanner.scan(&bytes[pos..], &mut |p| pieces.push(p));
+        let newly_failed = state.fail.is_none() && {
+            state.fail = violation(&state.scanner, &self.policy);
+            state.fail.is_some()
+        };
+        let forwarding = state.fail.is_none();
+        if forwarding {
+            for piece in pieces.drain(..) {
+                let c = match piece {
+                    Piece::Input(r) => chunk(bytes, pos + r.start..pos + r.end, src),
+                    Piece::Static(s) => Chunk::Static(s),
+                };
+                send(out, Side::Upstream, c);
+            }
+        }
+        self.pieces = pieces;
+        if newly_failed {
+            self.abort_upstream(text::UPSTREAM_LOST_DATA, out);
+        }
+        if scanned.done {
+            self.end_of_data(out);
+        }
+        scanned.consumed
+    }
+
+    fn end_of_data(&mut self, out: &mut Vec<Action>) {
+        let ClientMode::Data(state) = mem::replace(&mut self.mode, ClientMode::Command) else {
+            return;
+        };
+        self.reset_transaction();
+        match state.fail {
+            None => self.expect(Expect::DataEnd),
+            Some(fail) => {
+                let close = fail == Fail::UpstreamLost || self.up == Up::Gone;
+                self.local(fail.reply(), close, out);
+            }
+        }
+    }
+
+    // ----- upstream side -----------------------------------------------------------------
+
+    /// Sends a command upstream and notes the reply it is owed.
+    fn forward(&mut self, c: Chunk, expect: Expect, out: &mut Vec<Action>) {
+        send(out, Side::Upstream, c);
+        self.expect(expect);
+    }
+
+    fn expect(&mut self, expect: Expect) {
+        if !self.awaiting_upstream() {
+            self.upstream_since = self.now;
+        }
+        self.pending.push_back(Pending::Upstream(expect));
+    }
+
+    fn awaiting_upstream(&self) -> bool {
+        matches!(self.pending.front(), Some(Pending::Upstream(_)))
+    }
+
+    fn on_reply(&mut self, reply: Reply, input: &[u8], out: &mut Vec<Action>) {
+        self.upstream_since = self.now;
+        match self.up {
+            Up::Connecting { replay } | Up::Greeting { replay } => self.on_greeting(reply, replay, input, out),
+            Up::Replaying { sent } => self.on_replay_reply(&reply, sent, out),
+            Up::Ready => self.on_answer(reply, input, out),
+            Up::Gone => {}
+        }
+    }
+
+    fn on_greeting(&mut self, reply: Reply, replay: bool, input: &[u8], out: &mut Vec<Action>) {
+        if replay {
+            if reply.class() == 2 {
+                self.replay_next(0, out);
+            } else {
+                self.fail_close(text::UPSTREAM_LOST, out);
+            }
+            return;
+        }
+        let c = if self.policy.mask_banner {
+            Chunk::Owned(reply::mask(reply.bytes(input)))
+        } else {
+            reply_chunk(reply.bytes)
+        };
+        send(out, Side::Client, c);
+        self.up = Up::Ready;
+        if reply.code == 421 {
+            self.close(out);
+            return;
+        }
+        self.resume(out);
+    }
+
+    /// The replay script: the client's HELO/EHLO line, then its AUTH exchange.
+    fn replay_line(&self, i: usize) -> Option<&[u8]> {
+        let helo = self.helo.iter().map(Vec::as_slice);
+        helo.chain(self.auth.iter().map(Vec::as_slice)).nth(i)
+    }
+
+    fn replay_next(&mut self, sent: usize, out: &mut Vec<Action>) {
+        match self.replay_line(sent) {
+            Some(line) => {
+                send(out, Side::Upstream, Chunk::Owned(line.to_vec()));
+                self.up = Up::Replaying { sent: sent + 1 };
+            }
+            None => {
+                self.up = Up::Ready;
+                self.resume(out);
+            }
+        }
+    }
+
+    fn on_replay_reply(&mut self, reply: &Reply, sent: usize, out: &mut Vec<Action>) {
+        if reply.class() == 2 || reply.code == 334 {
+            self.replay_next(sent, out);
+        } else {
+            self.fail_close(text::UPSTREAM_LOST, out);
+        }
+    }
+
+    /// An upstream reply while commands flow: it answers the oldest pending command.
+    fn on_answer(&mut self, reply: Reply, input: &[u8], out: &mut Vec<Action>) {
+        let Some(Pending::Upstream(expect)) = self.pending.pop_front() else {
+            // Unsolicited (typically 421 before the upstream hangs up): pass it on and end.
+            send(out, Side::Client, reply_chunk(reply.bytes));
+            self.close(out);
+            return;
+        };
+        match expect {
+            Expect::Ehlo if reply.code == 250 => {
+                let policy = &self.policy;
+                let filtered = reply::filter_ehlo(reply.bytes(input), |k| policy.keeps_keyword(k));
+                send(out, Side::Client, Chunk::Owned(filtered));
+            }
+            Expect::Data if reply.code == 354 => {
+                send(out, Side::Client, reply_chunk(reply.bytes));
+                self.mode = ClientMode::Data(Box::new(DataState {
+                    scanner: DataScanner::new(match self.policy.bare_lf {
+                        BareLf::Reject => Bare::Reject,
+                        BareLf::Normalize => Bare::Normalize,
+                    }),
+                    fail: None,
+                }));
+            }
+            Expect::Auth => {
+                let class = reply.class();
+                let code = reply.code;
+                send(out, Side::Client, reply_chunk(reply.bytes));
+                if code == 334 {
+                    self.mode = ClientMode::Sasl;
+                } else if class == 2 {
+                    self.auth = mem::take(&mut self.auth_in_progress);
+                } else {
+                    self.auth_in_progress.clear();
+                }
+            }
+            Expect::StartTls if reply.code == 220 => {
+                send(out, Side::Client, reply_chunk(reply.bytes));
+                // Anything the client sent before seeing this 220 was plaintext injected
+                // ahead of the handshake: it must never be executed.
+                self.held = Vec::new();
+                self.line = Vec::new();
+                self.mode = ClientMode::Opaque;
+                return;
+            }
+            Expect::Quit => {
+                send(out, Side::Client, reply_chunk(reply.bytes));
+                self.close(out);
+                return;
+            }
+            _ => send(out, Side::Client, reply_chunk(reply.bytes)),
+        }
+        self.flush_locals(out);
+        if self.client_eof && !self.awaiting_upstream() {
+            self.close(out);
+            return;
+        }
+        self.resume(out);
+    }
+
+    /// Drops the upstream connection mid-transaction so nothing is delivered, answers every
+    /// command it still owed a reply with `reply`, and reconnects for what follows.
+    fn abort_upstream(&mut self, reply: &'static [u8], out: &mut Vec<Action>) {
+        if self.up == Up::Gone {
+            return;
+        }
+        out.push(Action::CloseUpstream);
+        for p in self.pending.iter_mut() {
+            if let Pending::Upstream(_) = p {
+                *p = Pending::Local { reply, close: false };
+            }
+        }
+        self.flush_locals(out);
+        self.parser = ReplyParser::default();
+        self.up = Up::Connecting { replay: true };
+        self.upstream_since = self.now;
+        out.push(Action::Connect);
+    }
+
+    // ----- replies to the client ---------------------------------------------------------
+
+    /// Answers the client from the guard, in its place among the replies still owed.
+    fn local(&mut self, reply: &'static [u8], close: bool, out: &mut Vec<Action>) {
+        if close {
+            self.stop_reading = true;
+        }
+        if self.pending.is_empty() {
+            send(out, Side::Client, Chunk::Static(reply));
+            if close {
+                self.close(out);
+            }
+        } else {
+            self.pending.push_back(Pending::Local { reply, close });
+        }
+    }
+
+    /// A local error reply that counts towards `hard_error_limit`.
+    fn local_error(&mut self, reply: &'static [u8], out: &mut Vec<Action>) {
+        self.errors += 1;
+        if self.errors >= self.policy.hard_error_limit {
+            self.local(text::TOO_MANY_ERRORS, true, out);
+        } else {
+            self.local(reply, false, out);
+        }
+    }
+
+    fn flush_locals(&mut self, out: &mut Vec<Action>) {
+        while let Some(&Pending::Local { reply, close }) = self.pending.front() {
+            self.pending.pop_front();
+            send(out, Side::Client, Chunk::Static(reply));
+            if close {
+                self.close(out);
+                return;
+            }
+        }
+    }
+
+    /// Ends the session with `reply`, after the guard's own replies already owed; replies
+    /// the upstream still owed are replaced by this one.
+    fn fail_close(&mut self, reply: &'static [u8], out: &mut Vec<Action>) {
+        if self.closed {
+            return;
+        }
+        while let Some(&Pending::Local { reply: r, .. }) = self.pending.front() {
+            self.pending.pop_front();
+            send(out, Side::Client, Chunk::Static(r));
+        }
+        self.pending.clear();
+        send(out, Side::Client, Chunk::Static(reply));
+        self.close(out);
+    }
+
+    fn close(&mut self, out: &mut Vec<Action>) {
+        if !self.closed {
+            self.closed = true;
+            self.stop_reading = true;
+            out.push(Action::Close);
+        }
+    }
+
+    /// A reply owed for a message in flight (end of data or last BDAT sent).
+    fn message_in_flight(&self) -> bool {
+        self.pending.iter().any(|p| {
+            matches!(p, Pending::Upstream(Expect::DataEnd | Expect::Bdat { .. }))
+        })
+    }
+}
+
+/// The reason to refuse the message, from what the scanner has seen so far.
+fn violation(scanner: &DataScanner, policy: &Policy) -> Option<Fail> {
+    let flags = scanner.flags();
+    if flags.nul {
+        Some(Fail::Nul)
+    } else if policy.bare_lf == BareLf::Reject && (flags.bare_lf || flags.bare_cr) {
+        Some(Fail::BareLineEnd)
+    } else if policy.max_message_size > 0 && scanner.body_len() > policy.max_message_size {
+        Some(Fail::Size)
+    } else {
+        None
+    }
+}
+
+/// A command line is clean when it has no NUL, no bare CR and is valid UTF-8 (SMTPUTF8).
+fn is_clean(content: &[u8]) -> bool {
+    memchr::memchr2(0, b'\r', content).is_none() && std::str::from_utf8(content).is_ok()
+}
+
+/// First bytes of a TLS record (handshake) or an SSLv2 hello.
+fn is_binary_handshake(first: u8) -> bool {
+    first == 0x16 || first == 0x80
+}
+
+fn chunk(bytes: &[u8], range: std::ops::Range<usize>, src: Src) -> Chunk {
+    match src {
+        Src::Input => Chunk::Input(range),
+        Src::Held => Chunk::Owned(bytes[range].to_vec()),
+    }
+}
+
+fn reply_chunk(bytes: ReplyBytes) -> Chunk {
+    match bytes {
+        ReplyBytes::Input(r) => Chunk::Input(r),
+        ReplyBytes::Owned(v) => Chunk::Owned(v),
+    }
+}
+
+/// Queues bytes, merging adjacent ranges of the same input so pipelined lines leave as one.
+fn send(out: &mut Vec<Action>, side: Side, c: Chunk) {
+    if let (Some(Action::Send(s, Chunk::Input(prev))), Chunk::Input(next)) = (out.last_mut(), &c) {
+        if *s == side && prev.end == next.start {
+            prev.end = next.end;
+            return;
+        }
+    }
+    out.push(Action::Send(side, c));
+}
+
+impl Proxy for Session {
+    fn start(&mut self, now: Instant, out: &mut Vec<Action>) {
+        self.now = now;
+        self.client_since = now;
+        self.upstream_since = now;
+        out.push(Action::Connect);
+    }
+
+    fn on_client(&mut self, data: &[u8], now: Instant, out: &mut Vec<Action>) {
+        if self.closed || self.stop_reading {
+            return;
+        }
+        self.now = now;
+        self.client_since = now;
+        let used = if self.held.is_empty() {
+            self.feed(data, Src::Input, out)
+        } else {
+            0
+        };
+        self.hold(&data[used..], out);
+    }
+
+    fn on_upstream(&mut self, data: &[u8], now: Instant, out: &mut Vec<Action>) {
+        if self.closed {
+            return;
+        }
+        self.now = now;
+        let mut pos = 0;
+        while pos < data.len() && !self.closed {
+            if let ClientMode::Opaque = self.mode {
+                send(out, Side::Client, Chunk::Input(pos..data.len()));
+                return;
+            }
+            match self.parser.next(data, &mut pos) {
+                Ok(Some(reply)) => self.on_reply(reply, data, out),
+                Ok(None) => break,
+                Err(_) => {
+                    let reply = if self.message_in_flight() {
+                        text::UPSTREAM_LOST_DATA
+                    } else {
+                        text::UPSTREAM_PROTOCOL
+                    };
+                    self.fail_close(reply, out);
+                }
+            }
+        }
+    }
+
+    fn on_upstream_connected(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let _ = out;
+        self.now = now;
+        self.upstream_since = now;
+        if let Up::Connecting { replay } = self.up {
+            self.up = Up::Greeting { replay };
+        }
+    }
+
+    fn on_upstream_failed(&mut self, now: Instant, out: &mut Vec<Action>) {
+        self.now = now;
+        let first = self.up == Up::Connecting { replay: false };
+        self.on_upstream_gone(if first { text::UNAVAILABLE } else { text::UPSTREAM_LOST }, out);
+    }
+
+    fn on_client_closed(&mut self, now: Instant, out: &mut Vec<Action>) {
+        if self.closed {
+            return;
+        }
+        self.now = now;
+        self.client_eof = true;
+        self.stop_reading = true;
+        let mid_message = matches!(self.mode, ClientMode::Data(_) | ClientMode::Bdat { .. });
+        // Mid-message or at a synchronisation point, closing now (without an end of data)
+        // is what guarantees nothing half-sent is delivered.
+        if mid_message || self.at_sync_point() || !self.awaiting_upstream() {
+            self.close(out);
+        }
+    }
+
+    fn on_upstream_closed(&mut self, now: Instant, out: &mut Vec<Action>) {
+        if self.closed {
+            return;
+        }
+        self.now = now;
+        let first = matches!(
+            self.up,
+            Up::Connecting { replay: false } | Up::Greeting { replay: false }
+        );
+        self.on_upstream_gone(if first { text::UNAVAILABLE } else { text::UPSTREAM_LOST }, out);
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        if self.closed {
+            return None;
+        }
+        let p = &self.policy;
+        if let ClientMode::Opaque = self.mode {
+            return Some(self.client_since.max(self.upstream_since) + p.command_timeout);
+        }
+        let upstream_wait = match self.up {
+            Up::Connecting { .. } | Up::Greeting { .. } | Up::Replaying { .. } => {
+                Some(p.greeting_timeout)
+            }
+            Up::Ready if self.awaiting_upstream() => Some(if self.message_in_flight() {
+                p.final_timeout
+            } else {
+                p.command_timeout
+            }),
+            _ => None,
+        };
+        Some(match upstream_wait {
+            Some(t) => self.upstream_since + t,
+            None => {
+                let t = match self.mode {
+                    ClientMode::Data(_) | ClientMode::Bdat { .. } => p.data_timeout,
+                    _ => p.command_timeout,
+                };
+                self.client_since + t
+            }
+        })
+    }
+
+    fn on_timeout(&mut self, now: Instant, out: &mut Vec<Action>) {
+        self.now = now;
+        match self.deadline() {
+            Some(d) if d <= now => {}
+            _ => return,
+        }
+        let waiting_for_upstream = !matches!(self.up, Up::Ready | Up::Gone) || self.awaiting_upstream();
+        let reply = if !waiting_for_upstream {
+            text::TIMEOUT
+        } else if self.message_in_flight() {
+            text::UPSTREAM_TIMEOUT_DATA
+        } else {
+            text::UPSTREAM_TIMEOUT
+        };
+        self.fail_close(reply, out);
+    }
+}
+
+impl Session {
+    /// The upstream connection ended or could not be made.
+    fn on_upstream_gone(&mut self, reply: &'static [u8], out: &mut Vec<Action>) {
+        self.up = Up::Gone;
+        if let ClientMode::Data(state) = &mut self.mode {
+            // The client is still sending the body: refuse it once it has finished.
+            state.fail.get_or_insert(Fail::UpstreamLost);
+            return;
+        }
+        let reply = if self.message_in_flight() || matches!(self.mode, ClientMode::Bdat { .. }) {
+            text::UPSTREAM_LOST_DATA
+        } else {
+            reply
+        };
+        self.fail_close(reply, out);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,409 @@
+//! Scripted sessions: a client and an upstream driving a [`Session`] directly, no sockets.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::config::Policy;
+
+const BANNER: &[u8] = b"220 mx.upstream.test ESMTP\r\n";
+const EHLO_REPLY: &[u8] = b"250-mx.upstream.test\r\n250-PIPELINING\r\n250-SIZE 1000000\r\n250-8BITMIME\r\n250-CHUNKING\r\n250-STARTTLS\r\n250-AUTH PLAIN LOGIN\r\n250-ETRN\r\n250 XCLIENT NAME ADDR\r\n";
+
+/// Runs a session and collects what each side received.
+struct Pair {
+    s: Session,
+    now: Instant,
+    to_up: Vec<u8>,
+    to_client: Vec<u8>,
+    connects: usize,
+    upstream_closes: usize,
+    closed: bool,
+}
+
+impl Pair {
+    fn new(policy: &str) -> Pair {
+        let policy = Arc::new(Policy::parse(policy, "test").unwrap());
+        let now = Instant::now();
+        let mut p = Pair {
+            s: Session::new(policy, now),
+            now,
+            to_up: Vec::new(),
+            to_client: Vec::new(),
+            connects: 0,
+            upstream_closes: 0,
+            closed: false,
+        };
+        let mut out = Vec::new();
+        p.s.start(now, &mut out);
+        p.apply(&[], out);
+        p
+    }
+
+    /// A session already greeted.
+    fn greeted(policy: &str) -> Pair {
+        let mut p = Pair::new(policy);
+        p.connected();
+        p.upstream(BANNER);
+        assert_eq!(p.take_client(), BANNER);
+        p
+    }
+
+    fn apply(&mut self, input: &[u8], out: Vec<Action>) {
+        for a in out {
+            assert!(!self.closed, "action after close: {a:?}");
+            match a {
+                Action::Connect => self.connects += 1,
+                Action::Send(Side::Upstream, c) => self.to_up.extend_from_slice(c.bytes(input)),
+                Action::Send(Side::Client, c) => self.to_client.extend_from_slice(c.bytes(input)),
+                Action::CloseUpstream => self.upstream_closes += 1,
+                Action::Close => self.closed = true,
+            }
+        }
+    }
+
+    fn connected(&mut self) {
+        let mut out = Vec::new();
+        self.s.on_upstream_connected(self.now, &mut out);
+        self.apply(&[], out);
+    }
+
+    fn client(&mut self, data: &[u8]) {
+        let mut out = Vec::new();
+        self.s.on_client(data, self.now, &mut out);
+        self.apply(data, out);
+    }
+
+    fn upstream(&mut self, data: &[u8]) {
+        let mut out = Vec::new();
+        self.s.on_upstream(data, self.now, &mut out);
+        self.apply(data, out);
+    }
+
+    fn upstream_closed(&mut self) {
+        let mut out = Vec::new();
+        self.s.on_upstream_closed(self.now, &mut out);
+        self.apply(&[], out);
+    }
+
+    fn client_closed(&mut self) {
+        let mut out = Vec::new();
+        self.s.on_client_closed(self.now, &mut out);
+        self.apply(&[], out);
+    }
+
+    fn advance(&mut self, by: Duration) {
+        self.now += by;
+        let mut out = Vec::new();
+        self.s.on_timeout(self.now, &mut out);
+        self.apply(&[], out);
+    }
+
+    fn take_up(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.to_up)
+    }
+
+    fn take_client(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.to_client)
+    }
+
+    fn client_text(&mut self) -> String {
+        String::from_utf8_lossy(&self.take_client()).into_owned()
+    }
+}
+
+#[test]
+fn relays_a_plain_session() {
+    let mut p = Pair::new("");
+    assert_eq!(p.connects, 1);
+    p.client(b"EHLO client.test\r\n");
+    assert!(p.take_up().is_empty(), "held until the banner");
+    p.connected();
+    p.upstream(BANNER);
+    assert_eq!(p.take_client(), BANNER);
+    assert_eq!(p.take_up(), b"EHLO client.test\r\n");
+    p.upstream(EHLO_REPLY);
+    let ehlo = p.client_text();
+    assert!(ehlo.contains("250-CHUNKING") && ehlo.contains("STARTTLS") && ehlo.contains("AUTH"));
+    assert!(!ehlo.contains("ETRN") && !ehlo.contains("XCLIENT"), "{ehlo}");
+    assert!(ehlo.ends_with("250 AUTH PLAIN LOGIN\r\n"), "{ehlo}");
+    p.client(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n");
+    assert_eq!(p.take_up(), b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n");
+    p.upstream(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go\r\n");
+    assert_eq!(p.client_text(), "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go\r\n");
+    p.client(b"Subject: x\r\n\r\nhello\r\n.\r\nQUIT\r\n");
+    assert_eq!(p.take_up(), b"Subject: x\r\n\r\nhello\r\n.\r\nQUIT\r\n");
+    assert!(p.take_client().is_empty(), "no 250 before the upstream's");
+    p.upstream(b"250 2.0.0 queued\r\n221 bye\r\n");
+    assert_eq!(p.client_text(), "250 2.0.0 queued\r\n221 bye\r\n");
+    assert!(p.closed);
+}
+
+#[test]
+fn blocked_verbs_answered_in_order() {
+    let mut p = Pair::greeted("");
+    p.client(b"NOOP\r\nVRFY root\r\nNOOP\r\n");
+    assert_eq!(p.take_up(), b"NOOP\r\nNOOP\r\n");
+    assert!(p.take_client().is_empty());
+    p.upstream(b"250 one\r\n");
+    assert_eq!(p.client_text(), "250 one\r\n500 5.5.1 Command unrecognized\r\n");
+    p.upstream(b"250 two\r\n");
+    assert_eq!(p.client_text(), "250 two\r\n");
+    let mut p = Pair::greeted("blocked_reply = \"ok\"\nmode = \"rfc821\"");
+    p.client(b"EHLO x\r\n");
+    assert_eq!(p.client_text(), "250 OK\r\n");
+    assert!(p.take_up().is_empty());
+}
+
+#[test]
+fn one_byte_at_a_time() {
+    let mut p = Pair::greeted("");
+    let session = b"HELO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n";
+    for b in session {
+        p.client(&[*b]);
+    }
+    assert_eq!(p.take_up(), session);
+    p.upstream(b"250 a\r\n250 b\r\n250 c\r\n354 d\r\n");
+    let body = b"line\r\n..dot\r\n.\r\n";
+    for b in body {
+        p.client(&[*b]);
+    }
+    assert_eq!(p.take_up(), body);
+}
+
+#[test]
+fn data_held_until_354_and_commands_if_refused() {
+    let mut p = Pair::greeted("");
+    p.client(b"DATA\r\nNOOP\r\n");
+    assert_eq!(p.take_up(), b"DATA\r\n");
+    p.upstream(b"554 5.5.1 no recipients\r\n");
+    assert_eq!(p.take_up(), b"NOOP\r\n", "after a refused DATA the bytes are commands");
+}
+
+#[test]
+fn smuggling_variants_never_end_data() {
+    for variant in [
+        &b"\n.\n"[..],
+        b"\n.\r\n",
+        b"\r.\r",
+        b"\r.\n",
+        b"\r\n.\n",
+        b"\r\n.\r",
+        b"\r\n\x00.\r\n",
+        b"\n.\r",
+        b"\r.\r\n",
+        b"\r\n.\x00\r\n",
+        b"\r\n.\r\r\n",
+        b"\r\r\n.\r\r\n",
+        b"\n\n.\r\n",
+        b"\r\n. \r\n",
+    ] {
+        let mut p = Pair::greeted("");
+        p.client(b"DATA\r\n");
+        p.upstream(b"354 go\r\n");
+        p.take_up();
+        p.take_client();
+        let mut body = b"Subject: s\r\n\r\nhi".to_vec();
+        body.extend_from_slice(variant);
+        body.extend_from_slice(b"MAIL FROM:<evil@x>\r\nRCPT TO:<v@y>\r\nDATA\r\nspoof\r\n.\r\n");
+        p.client(&body);
+        let up = p.take_up();
+        if variant.contains(&0) {
+            // NUL refuses the message: the chunk is withheld and the upstream aborted.
+            assert!(up.is_empty(), "{variant:?}: {up:?}");
+            assert_eq!(p.upstream_closes, 1, "{variant:?}");
+            assert_eq!(p.client_text(), "550 5.6.0 Message contains NUL bytes\r\n");
+        } else {
+            let first_end = up.windows(5).position(|w| w == b"\r\n.\r\n");
+            assert_eq!(first_end, Some(up.len() - 5), "variant {variant:?}: {up:?}");
+            for (i, &b) in up.iter().enumerate() {
+                if b == b'\n' {
+                    assert_eq!(up[i - 1], b'\r', "bare LF forwarded for {variant:?}");
+                }
+                if b == b'\r' {
+                    assert_eq!(up.get(i + 1), Some(&b'\n'), "bare CR forwarded for {variant:?}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn bare_lf_reject_aborts_and_replays() {
+    let mut p = Pair::greeted("bare_lf = \"reject\"");
+    p.client(b"EHLO c\r\n");
+    p.upstream(EHLO_REPLY);
+    p.client(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n");
+    p.upstream(b"250 a\r\n250 b\r\n354 c\r\n");
+    p.take_client();
+    p.take_up();
+    p.client(b"ok line\r\nbad\nline\r\n");
+    assert_eq!(p.upstream_closes, 1);
+    assert_eq!(p.connects, 2);
+    let up = p.take_up();
+    assert!(!up.contains(&b'\n') || up == b"ok line\r\n", "{up:?}");
+    p.client(b".\r\nMAIL FROM:<a@b>\r\n");
+    assert_eq!(p.client_text(), "550 5.6.11 Message contains bare CR or LF\r\n");
+    // The new connection: greeting, then the EHLO replay, with replies kept from the client.
+    p.connected();
+    p.upstream(BANNER);
+    assert_eq!(p.take_up(), b"EHLO c\r\n");
+    p.upstream(EHLO_REPLY);
+    assert!(p.take_client().is_empty());
+    assert_eq!(p.take_up(), b"MAIL FROM:<a@b>\r\n");
+    p.upstream(b"250 ok\r\n");
+    assert_eq!(p.client_text(), "250 ok\r\n");
+}
+
+#[test]
+fn size_limits() {
+    let mut p = Pair::greeted("max_message_size = 100");
+    p.client(b"MAIL FROM:<a@b> SIZE=101\r\n");
+    assert_eq!(p.client_text(), "552 5.3.4 Message size exceeds fixed maximum message size\r\n");
+    assert!(p.take_up().is_empty());
+    p.client(b"MAIL FROM:<a@b> SIZE=50\r\nDATA\r\n");
+    p.upstream(b"250 ok\r\n354 go\r\n");
+    p.take_client();
+    p.take_up();
+    p.client(&[b'x'; 150]);
+    assert_eq!(p.upstream_closes, 1);
+    assert!(p.take_up().is_empty(), "nothing past the limit reaches the upstream");
+    p.client(b"\r\n.\r\n");
+    assert_eq!(p.client_text(), "552 5.3.4 Message size exceeds fixed maximum message size\r\n");
+}
+
+#[test]
+fn recipient_limit() {
+    let mut p = Pair::greeted("max_recipients = 1");
+    p.client(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nRCPT TO:<e@f>\r\n");
+    assert_eq!(p.take_up(), b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n");
+    p.upstream(b"250 a\r\n250 b\r\n");
+    assert_eq!(p.client_text(), "250 a\r\n250 b\r\n452 4.5.3 Too many recipients\r\n");
+}
+
+#[test]
+fn bdat_chunks_never_read_as_commands() {
+    let mut p = Pair::greeted("");
+    p.client(b"BDAT 12\r\nRSET\r\nQUIT\r\nBDAT 0 LAST\r\n");
+    assert_eq!(p.take_up(), b"BDAT 12\r\nRSET\r\nQUIT\r\nBDAT 0 LAST\r\n");
+    p.upstream(b"250 a\r\n250 b\r\n");
+    assert_eq!(p.client_text(), "250 a\r\n250 b\r\n");
+    assert!(!p.closed);
+    let mut p = Pair::greeted("extensions = [\"PIPELINING\"]");
+    p.client(b"BDAT 12 LAST\r\nRSET\r\nQUIT\r\nNOOP\r\n");
+    assert_eq!(p.take_up(), b"NOOP\r\n");
+    assert_eq!(p.client_text(), "500 5.5.1 Command unrecognized\r\n");
+}
+
+#[test]
+fn auth_login_continuations_pass() {
+    let mut p = Pair::greeted("");
+    p.client(b"AUTH LOGIN\r\n");
+    assert_eq!(p.take_up(), b"AUTH LOGIN\r\n");
+    p.client(b"dXNlcg==\r\n");
+    assert!(p.take_up().is_empty(), "held until the 334");
+    p.upstream(b"334 VXNlcm5hbWU6\r\n");
+    assert_eq!(p.take_up(), b"dXNlcg==\r\n");
+    p.upstream(b"334 UGFzc3dvcmQ6\r\n");
+    p.client(b"cGFzcw==\r\n");
+    assert_eq!(p.take_up(), b"cGFzcw==\r\n");
+    p.upstream(b"235 2.7.0 ok\r\n");
+    assert!(p.client_text().ends_with("235 2.7.0 ok\r\n"));
+    assert_eq!(p.s.auth.len(), 3);
+}
+
+#[test]
+fn starttls_pass_discards_injected_commands() {
+    let mut p = Pair::greeted("");
+    p.client(b"STARTTLS\r\nMAIL FROM:<injected@x>\r\n");
+    assert_eq!(p.take_up(), b"STARTTLS\r\n");
+    p.upstream(b"220 go ahead\r\n");
+    assert_eq!(p.client_text(), "220 go ahead\r\n");
+    p.client(b"\x16\x03\x01binary");
+    assert_eq!(p.take_up(), b"\x16\x03\x01binary", "opaque relay, no injected MAIL");
+    p.upstream(b"\x16\x03\x03server");
+    assert_eq!(p.take_client(), b"\x16\x03\x03server");
+}
+
+#[test]
+fn banner_masked_and_upstream_failures() {
+    let mut p = Pair::new("mask_banner = true");
+    p.connected();
+    p.upstream(b"220-mx ESMTP\r\n220 hi\r\n");
+    assert_eq!(p.client_text(), "220-********\r\n220 **\r\n");
+    let mut p = Pair::new("");
+    let mut out = Vec::new();
+    p.s.on_upstream_failed(p.now, &mut out);
+    p.apply(&[], out);
+    assert_eq!(p.client_text(), "421 4.3.0 Service unavailable, try again later\r\n");
+    assert!(p.closed);
+    let mut p = Pair::greeted("");
+    p.client(b"NOOP\r\n");
+    p.upstream_closed();
+    assert_eq!(p.client_text(), "421 4.3.0 Upstream connection lost\r\n");
+    let mut p = Pair::greeted("");
+    p.client(b"DATA\r\n");
+    p.upstream(b"354 go\r\n");
+    p.take_client();
+    p.client(b"part of a body\r\n");
+    p.upstream_closed();
+    assert!(!p.closed);
+    p.client(b".\r\n");
+    assert_eq!(p.client_text(), "451 4.3.0 Upstream connection lost, message not delivered\r\n");
+    assert!(p.closed);
+}
+
+#[test]
+fn client_gone_mid_data_sends_no_end() {
+    let mut p = Pair::greeted("");
+    p.client(b"DATA\r\n");
+    p.upstream(b"354 go\r\n");
+    p.take_up();
+    p.client(b"body\r\n.");
+    p.client_closed();
+    assert!(p.closed);
+    assert_eq!(p.take_up(), b"body\r\n", "the held dot never leaves");
+}
+
+#[test]
+fn bad_input() {
+    let mut p = Pair::greeted("max_line_length = 64");
+    p.client(&[b'A'; 100]);
+    p.client(b"\r\nNOOP\r\n");
+    assert_eq!(p.take_up(), b"NOOP\r\n");
+    assert_eq!(p.client_text(), "500 5.5.2 Line too long\r\n");
+    p.upstream(b"250 ok\r\n");
+    p.client(b"NO\0OP\r\n\xff\xfe\r\n\r\n");
+    assert_eq!(p.client_text(), "250 ok\r\n500 5.5.2 Syntax error\r\n500 5.5.2 Syntax error\r\n500 5.5.2 Syntax error\r\n");
+    let mut p = Pair::greeted("");
+    p.client(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03");
+    assert_eq!(p.client_text(), "421 4.7.0 Protocol error, closing connection\r\n");
+    assert!(p.closed);
+    let mut p = Pair::greeted("hard_error_limit = 3");
+    p.client(b"X\r\nX\r\nX\r\nX\r\n");
+    assert_eq!(p.client_text(), "500 5.5.1 Command unrecognized\r\n500 5.5.1 Command unrecognized\r\n421 4.7.0 Too many errors, closing connection\r\n");
+    assert!(p.closed);
+}
+
+#[test]
+fn timeouts() {
+    let mut p = Pair::greeted("command_timeout = 10");
+    p.advance(Duration::from_secs(9));
+    assert!(!p.closed);
+    p.advance(Duration::from_secs(2));
+    assert_eq!(p.client_text(), "421 4.4.2 Timeout, closing connection\r\n");
+    let mut p = Pair::greeted("final_timeout = 20");
+    p.client(b"DATA\r\n");
+    p.upstream(b"354 go\r\n");
+    p.client(b".\r\n");
+    p.take_client();
+    p.advance(Duration::from_secs(21));
+    assert_eq!(p.client_text(), "451 4.4.2 Upstream timeout\r\n");
+}
+
+#[test]
+fn check_addresses() {
+    let mut p = Pair::greeted("check_addresses = true");
+    p.client(b"MAIL FROM:<a|b@c>\r\nRCPT TO:<<x@y>\r\n");
+    assert_eq!(p.client_text(), "553 5.1.3 Invalid character in address\r\n501 5.5.4 Syntax error in address\r\n");
+    assert!(p.take_up().is_empty());
+}
