@@ -4,6 +4,7 @@
 //! `config` the policy, and `relay` the vocabulary the engine and the ring share.
 
 pub mod config;
+pub mod guard;
 pub mod io;
 pub mod proto;
 pub mod relay;
