@@ -407,3 +407,64 @@ fn check_addresses() {
     assert_eq!(p.client_text(), "553 5.1.3 Invalid character in address\r\n501 5.5.4 Syntax error in address\r\n");
     assert!(p.take_up().is_empty());
 }
+
+/// The whole client side of a pipelined session with the hard cases in it.
+const CLIENT_SCRIPT: &[u8] = b"EHLO client.test\r\nMAIL FROM:<a@b.test> SIZE=100 BODY=8BITMIME\r\nRCPT TO:<c@d.test>\r\nVRFY x\r\nDATA\r\nSubject: \xc3\xa9t\xc3\xa9\r\n\r\nbody\n.\r\n..stuffed\r\n.\r\nBDAT 12\r\nRSET\r\nQUIT\r\nBDAT 0 LAST\r\nAUTH LOGIN\r\ndXNlcg==\r\nQUIT\r\n";
+/// The upstream's replies to it, in order.
+const UPSTREAM_SCRIPT: &[u8] = b"220 mx ESMTP\r\n250-mx\r\n250-PIPELINING\r\n250 CHUNKING\r\n250 ok\r\n250 ok\r\n354 go\r\n250 queued\r\n250 chunk\r\n250 queued\r\n334 VXNlcm5hbWU6\r\n235 ok\r\n221 bye\r\n";
+
+/// Feeds both scripts, each cut at the given points, and returns what each side got.
+fn run_split(client_cuts: &[usize], upstream_cuts: &[usize]) -> (Vec<u8>, Vec<u8>) {
+    let mut p = Pair::new("");
+    p.connected();
+    for piece in split(CLIENT_SCRIPT, client_cuts) {
+        p.client(piece);
+    }
+    for piece in split(UPSTREAM_SCRIPT, upstream_cuts) {
+        p.upstream(piece);
+    }
+    assert!(p.closed, "the session ends with QUIT");
+    (p.take_up(), p.take_client())
+}
+
+fn split<'a>(bytes: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
+    let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+    cuts.sort_unstable();
+    let mut pieces = Vec::new();
+    let mut start = 0;
+    for c in cuts.into_iter().chain([bytes.len()]) {
+        pieces.push(&bytes[start..c]);
+        start = c;
+    }
+    pieces
+}
+
+#[test]
+fn scripted_session_whole() {
+    let (up, client) = run_split(&[], &[]);
+    let up = String::from_utf8_lossy(&up);
+    assert!(up.contains("body\r\n..\r\n..stuffed\r\n.\r\nBDAT 12\r\nRSET\r\nQUIT\r\nBDAT 0 LAST\r\n"), "{up}");
+    let client = String::from_utf8_lossy(&client);
+    assert!(client.contains("250 ok\r\n250 ok\r\n500 5.5.1 Command unrecognized\r\n354 go\r\n"), "{client}");
+    assert!(client.ends_with("235 ok\r\n221 bye\r\n"), "{client}");
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+    #[test]
+    fn any_split_gives_the_same_bytes(
+        client_cuts in proptest::collection::vec(0usize..1000, 0..40),
+        upstream_cuts in proptest::collection::vec(0usize..1000, 0..20),
+    ) {
+        let whole = run_split(&[], &[]);
+        proptest::prop_assert_eq!(run_split(&client_cuts, &upstream_cuts), whole);
+    }
+}
+
+#[test]
+fn every_single_byte_split_gives_the_same_bytes() {
+    let whole = run_split(&[], &[]);
+    let every: Vec<usize> = (0..CLIENT_SCRIPT.len()).collect();
+    let every_up: Vec<usize> = (0..UPSTREAM_SCRIPT.len()).collect();
+    assert_eq!(run_split(&every, &every_up), whole);
+}
