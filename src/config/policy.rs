@@ -271,7 +271,9 @@ impl Policy {
     pub fn keeps_keyword(&self, keyword: &[u8]) -> bool {
         let listed = match &self.extensions {
             None => true,
-            Some(keep) => keep.iter().any(|k| k.as_bytes().eq_ignore_ascii_case(keyword)),
+            Some(keep) => keep
+                .iter()
+                .any(|k| k.as_bytes().eq_ignore_ascii_case(keyword)),
         };
         if !listed {
             return false;
@@ -382,8 +384,11 @@ fn seconds<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
 
 /// 1-based line and column (in characters) of a byte offset.
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
-    let offset = offset.min(text.len());
-    let before = &text[..text.floor_char_boundary(offset)];
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
     let line = before.matches('\n').count() + 1;
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
     let column = before[line_start..].chars().count() + 1;
@@ -428,7 +433,8 @@ mod tests {
 
     #[test]
     fn removed_extension_blocks_its_verb() {
-        let p = Policy::parse("extensions = [\"PIPELINING\", \"SIZE\", \"8bitmime\"]", "p").unwrap();
+        let p =
+            Policy::parse("extensions = [\"PIPELINING\", \"SIZE\", \"8bitmime\"]", "p").unwrap();
         assert!(!p.allows(Verb::BDAT) && !p.allows(Verb::STARTTLS) && !p.allows(Verb::AUTH));
         assert!(p.allows(Verb::MAIL));
         assert!(p.keeps_keyword(b"8BITMIME") && !p.keeps_keyword(b"DSN"));
@@ -445,7 +451,10 @@ mod tests {
         let e = err("mode = \"pix\"");
         assert!(e.starts_with("p.toml:1:8: unknown variant `pix`"), "{e}");
         let e = err("allow = [\"MAIL\", \"X-1\"]");
-        assert!(e.starts_with("p.toml:1:9: `X-1` is not an SMTP verb"), "{e}");
+        assert!(
+            e.starts_with("p.toml:1:9: `X-1` is not an SMTP verb"),
+            "{e}"
+        );
         let e = err("max_line_length = 10");
         assert!(e.starts_with("p.toml:1:19: max_line_length must be"), "{e}");
         let e = err("mask_banner = \"yes\"");
