@@ -59,7 +59,9 @@ fn whole_session(c: &mut Criterion) {
     let now = Instant::now();
     let mut body = Vec::new();
     while body.len() < 1024 {
-        body.extend_from_slice(b"The quick brown fox jumps over the lazy dog, again and again.\r\n");
+        body.extend_from_slice(
+            b"The quick brown fox jumps over the lazy dog, again and again.\r\n",
+        );
     }
     body.extend_from_slice(b".\r\n");
     let mut out = Vec::with_capacity(16);

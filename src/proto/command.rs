@@ -51,7 +51,8 @@ pub fn size_param(line: &[u8]) -> Option<u64> {
     rest.split(|&b| b == b' ')
         .filter_map(|p| {
             let (name, value) = p.split_at(p.iter().position(|&b| b == b'=')?);
-            name.eq_ignore_ascii_case(b"SIZE").then(|| parse_u64(&value[1..]))?
+            name.eq_ignore_ascii_case(b"SIZE")
+                .then(|| parse_u64(&value[1..]))?
         })
         .next()
 }
@@ -80,7 +81,11 @@ fn parse_u64(digits: &[u8]) -> Option<u64> {
     if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    Some(digits.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
+    Some(
+        digits
+            .iter()
+            .fold(0u64, |n, d| n * 10 + u64::from(d - b'0')),
+    )
 }
 
 #[cfg(test)]
@@ -93,19 +98,43 @@ mod tests {
         assert_eq!(check_address(b"MAIL FROM:<>"), Ok(()));
         assert_eq!(check_address(b"RCPT TO: <a@b.c>"), Ok(()));
         assert_eq!(check_address(b"RCPT TO:a@b.c"), Ok(()));
-        assert_eq!(check_address(b"RCPT TO:<a|b@c>"), Err(AddressFault::SpecialCharacter));
-        assert_eq!(check_address(b"RCPT TO:<a`b@c>"), Err(AddressFault::SpecialCharacter));
-        assert_eq!(check_address(b"RCPT TO:<a\0b@c>"), Err(AddressFault::SpecialCharacter));
-        assert_eq!(check_address(b"RCPT TO:<<a@c>"), Err(AddressFault::Unbalanced));
-        assert_eq!(check_address(b"RCPT TO:<a@c>>"), Err(AddressFault::Unbalanced));
-        assert_eq!(check_address(b"RCPT TO:<a@c"), Err(AddressFault::Unbalanced));
-        assert_eq!(check_address(b"RCPT TO:a@c>"), Err(AddressFault::Unbalanced));
+        assert_eq!(
+            check_address(b"RCPT TO:<a|b@c>"),
+            Err(AddressFault::SpecialCharacter)
+        );
+        assert_eq!(
+            check_address(b"RCPT TO:<a`b@c>"),
+            Err(AddressFault::SpecialCharacter)
+        );
+        assert_eq!(
+            check_address(b"RCPT TO:<a\0b@c>"),
+            Err(AddressFault::SpecialCharacter)
+        );
+        assert_eq!(
+            check_address(b"RCPT TO:<<a@c>"),
+            Err(AddressFault::Unbalanced)
+        );
+        assert_eq!(
+            check_address(b"RCPT TO:<a@c>>"),
+            Err(AddressFault::Unbalanced)
+        );
+        assert_eq!(
+            check_address(b"RCPT TO:<a@c"),
+            Err(AddressFault::Unbalanced)
+        );
+        assert_eq!(
+            check_address(b"RCPT TO:a@c>"),
+            Err(AddressFault::Unbalanced)
+        );
         assert_eq!(check_address(b"RCPT TO"), Err(AddressFault::Unbalanced));
     }
 
     #[test]
     fn size() {
-        assert_eq!(size_param(b"MAIL FROM:<a@b> SIZE=1000 BODY=8BITMIME"), Some(1000));
+        assert_eq!(
+            size_param(b"MAIL FROM:<a@b> SIZE=1000 BODY=8BITMIME"),
+            Some(1000)
+        );
         assert_eq!(size_param(b"MAIL FROM:<a@b> body=8bitmime size=7"), Some(7));
         assert_eq!(size_param(b"MAIL FROM:<a@b>"), None);
         assert_eq!(size_param(b"MAIL FROM:<a@b> SIZE=x"), None);
@@ -113,8 +142,20 @@ mod tests {
 
     #[test]
     fn bdat() {
-        assert_eq!(bdat_args(b"BDAT 100"), Some(Bdat { size: 100, last: false }));
-        assert_eq!(bdat_args(b"bdat 0 last"), Some(Bdat { size: 0, last: true }));
+        assert_eq!(
+            bdat_args(b"BDAT 100"),
+            Some(Bdat {
+                size: 100,
+                last: false
+            })
+        );
+        assert_eq!(
+            bdat_args(b"bdat 0 last"),
+            Some(Bdat {
+                size: 0,
+                last: true
+            })
+        );
         assert_eq!(bdat_args(b"BDAT"), None);
         assert_eq!(bdat_args(b"BDAT -1"), None);
         assert_eq!(bdat_args(b"BDAT 10 LAST x"), None);

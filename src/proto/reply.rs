@@ -156,7 +156,11 @@ fn parse_code(line: &[u8]) -> Option<u16> {
         Some(b' ' | b'-' | b'\r' | b'\n') => {}
         _ => return None,
     }
-    Some(digits.iter().fold(0u16, |n, d| n * 10 + u16::from(d - b'0')))
+    Some(
+        digits
+            .iter()
+            .fold(0u16, |n, d| n * 10 + u16::from(d - b'0')),
+    )
 }
 
 /// The lines of a reply, each without its line ending.
@@ -251,7 +255,10 @@ mod tests {
     #[test]
     fn rejects_bad_syntax() {
         assert_eq!(parse_all(&[b"hello\r\n"]), Err(ReplyError::Syntax));
-        assert_eq!(parse_all(&[b"250-a\r\n251 b\r\n"]), Err(ReplyError::CodeChanged));
+        assert_eq!(
+            parse_all(&[b"250-a\r\n251 b\r\n"]),
+            Err(ReplyError::CodeChanged)
+        );
         assert_eq!(parse_all(&[b"2500 x\r\n"]), Err(ReplyError::Syntax));
         assert_eq!(parse_all(&[&[b'2'; 5000][..]]), Err(ReplyError::TooLong));
         assert_eq!(parse_all(&[b"250\r\n"]).unwrap().len(), 1);

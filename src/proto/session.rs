@@ -53,8 +53,7 @@ mod text {
     pub const TIMEOUT: &[u8] = b"421 4.4.2 Timeout, closing connection\r\n";
     pub const UPSTREAM_TIMEOUT: &[u8] = b"421 4.4.2 Upstream timeout\r\n";
     pub const UPSTREAM_TIMEOUT_DATA: &[u8] = b"451 4.4.2 Upstream timeout\r\n";
-    pub const TOO_MUCH_INPUT: &[u8] =
-        b"421 4.7.0 Too much pipelined input, closing connection\r\n";
+    pub const TOO_MUCH_INPUT: &[u8] = b"421 4.7.0 Too much pipelined input, closing connection\r\n";
 }
 
 /// Most client bytes held at a synchronisation point. A client that pipelines this much
@@ -271,7 +270,9 @@ impl Session {
     fn at_sync_point(&self) -> bool {
         matches!(
             self.pending.back(),
-            Some(Pending::Upstream(Expect::Data | Expect::Auth | Expect::StartTls))
+            Some(Pending::Upstream(
+                Expect::Data | Expect::Auth | Expect::StartTls
+            ))
         )
     }
 
@@ -330,7 +331,11 @@ impl Session {
             self.fail_close(text::PROTOCOL, out);
             return rest.len();
         }
-        let limit = self.line_limit(if self.line.is_empty() { rest } else { &self.line });
+        let limit = self.line_limit(if self.line.is_empty() {
+            rest
+        } else {
+            &self.line
+        });
         let Some(lf) = memchr::memchr(b'\n', rest) else {
             if !self.discarding {
                 if self.line.len() + rest.len() > limit + 1 {
@@ -348,12 +353,22 @@ impl Session {
             self.local_error(text::LINE_TOO_LONG, out);
         } else if self.line.is_empty() {
             let at = (src == Src::Input && rest[..used].ends_with(b"\r\n")).then_some(pos);
-            let line = Line { raw: &rest[..used], at };
+            let line = Line {
+                raw: &rest[..used],
+                at,
+            };
             self.on_line(&line, limit, out);
         } else {
             let mut joined = mem::take(&mut self.line);
             joined.extend_from_slice(&rest[..used]);
-            self.on_line(&Line { raw: &joined, at: None }, limit, out);
+            self.on_line(
+                &Line {
+                    raw: &joined,
+                    at: None,
+                },
+                limit,
+                out,
+            );
         }
         used
     }
@@ -361,9 +376,13 @@ impl Session {
     /// The longest line accepted: AUTH exchanges get the RFC 4954 allowance.
     fn line_limit(&self, head: &[u8]) -> usize {
         let auth = matches!(self.mode, ClientMode::Sasl)
-            || head.get(..5).is_some_and(|h| h.eq_ignore_ascii_case(b"AUTH "));
+            || head
+                .get(..5)
+                .is_some_and(|h| h.eq_ignore_ascii_case(b"AUTH "));
         if auth {
-            self.policy.max_line_length.max(crate::config::AUTH_LINE_LENGTH)
+            self.policy
+                .max_line_length
+                .max(crate::config::AUTH_LINE_LENGTH)
         } else {
             self.policy.max_line_length
         }
@@ -416,7 +435,10 @@ impl Session {
             if verb == Verb::BDAT {
                 // The chunk still follows by length and must not be read as commands.
                 if let Some(b) = command::bdat_args(content) {
-                    self.mode = ClientMode::Bdat { remaining: b.size, forward: false };
+                    self.mode = ClientMode::Bdat {
+                        remaining: b.size,
+                        forward: false,
+                    };
                 }
             }
             let reply = self.blocked_reply();
@@ -439,7 +461,11 @@ impl Session {
             Verb::EHLO | Verb::HELO => {
                 self.reset_transaction();
                 self.helo = Some(line.owned());
-                let expect = if verb == Verb::EHLO { Expect::Ehlo } else { Expect::Other };
+                let expect = if verb == Verb::EHLO {
+                    Expect::Ehlo
+                } else {
+                    Expect::Other
+                };
                 self.forward(line.chunk(), expect, out);
             }
             Verb::MAIL => {
@@ -484,7 +510,10 @@ impl Session {
             return;
         };
         if let Some(reply) = self.bdat_refused {
-            self.mode = ClientMode::Bdat { remaining: b.size, forward: false };
+            self.mode = ClientMode::Bdat {
+                remaining: b.size,
+                forward: false,
+            };
             if b.last {
                 self.reset_transaction();
             }
@@ -494,7 +523,10 @@ impl Session {
         self.bdat_total = self.bdat_total.saturating_add(b.size);
         let max = self.policy.max_message_size;
         if max > 0 && self.bdat_total > max {
-            self.mode = ClientMode::Bdat { remaining: b.size, forward: false };
+            self.mode = ClientMode::Bdat {
+                remaining: b.size,
+                forward: false,
+            };
             self.abort_upstream(text::TOO_BIG, out);
             if b.last {
                 self.reset_transaction();
@@ -508,7 +540,10 @@ impl Session {
         if b.last {
             self.reset_transaction();
         }
-        self.mode = ClientMode::Bdat { remaining: b.size, forward: true };
+        self.mode = ClientMode::Bdat {
+            remaining: b.size,
+            forward: true,
+        };
     }
 
     fn reset_transaction(&mut self) {
@@ -599,7 +634,9 @@ impl Session {
     fn on_reply(&mut self, reply: Reply, input: &[u8], out: &mut Vec<Action>) {
         self.upstream_since = self.now;
         match self.up {
-            Up::Connecting { replay } | Up::Greeting { replay } => self.on_greeting(reply, replay, input, out),
+            Up::Connecting { replay } | Up::Greeting { replay } => {
+                self.on_greeting(reply, replay, input, out)
+            }
             Up::Replaying { sent } => self.on_replay_reply(&reply, sent, out),
             Up::Ready => self.on_answer(reply, input, out),
             Up::Gone => {}
@@ -725,7 +762,10 @@ impl Session {
         out.push(Action::CloseUpstream);
         for p in self.pending.iter_mut() {
             if let Pending::Upstream(_) = p {
-                *p = Pending::Local { reply, close: false };
+                *p = Pending::Local {
+                    reply,
+                    close: false,
+                };
             }
         }
         self.flush_locals(out);
@@ -798,9 +838,9 @@ impl Session {
 
     /// A reply owed for a message in flight (end of data or last BDAT sent).
     fn message_in_flight(&self) -> bool {
-        self.pending.iter().any(|p| {
-            matches!(p, Pending::Upstream(Expect::DataEnd | Expect::Bdat { .. }))
-        })
+        self.pending
+            .iter()
+            .any(|p| matches!(p, Pending::Upstream(Expect::DataEnd | Expect::Bdat { .. })))
     }
 }
 
@@ -913,7 +953,14 @@ impl Proxy for Session {
     fn on_upstream_failed(&mut self, now: Instant, out: &mut Vec<Action>) {
         self.now = now;
         let first = self.up == Up::Connecting { replay: false };
-        self.on_upstream_gone(if first { text::UNAVAILABLE } else { text::UPSTREAM_LOST }, out);
+        self.on_upstream_gone(
+            if first {
+                text::UNAVAILABLE
+            } else {
+                text::UPSTREAM_LOST
+            },
+            out,
+        );
     }
 
     fn on_client_closed(&mut self, now: Instant, out: &mut Vec<Action>) {
@@ -940,7 +987,14 @@ impl Proxy for Session {
             self.up,
             Up::Connecting { replay: false } | Up::Greeting { replay: false }
         );
-        self.on_upstream_gone(if first { text::UNAVAILABLE } else { text::UPSTREAM_LOST }, out);
+        self.on_upstream_gone(
+            if first {
+                text::UNAVAILABLE
+            } else {
+                text::UPSTREAM_LOST
+            },
+            out,
+        );
     }
 
     fn deadline(&self) -> Option<Instant> {
@@ -980,7 +1034,8 @@ impl Proxy for Session {
             Some(d) if d <= now => {}
             _ => return,
         }
-        let waiting_for_upstream = !matches!(self.up, Up::Ready | Up::Gone) || self.awaiting_upstream();
+        let waiting_for_upstream =
+            !matches!(self.up, Up::Ready | Up::Gone) || self.awaiting_upstream();
         let reply = if !waiting_for_upstream {
             text::TIMEOUT
         } else if self.message_in_flight() {
