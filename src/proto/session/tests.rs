@@ -124,12 +124,21 @@ fn relays_a_plain_session() {
     p.upstream(EHLO_REPLY);
     let ehlo = p.client_text();
     assert!(ehlo.contains("250-CHUNKING") && ehlo.contains("STARTTLS") && ehlo.contains("AUTH"));
-    assert!(!ehlo.contains("ETRN") && !ehlo.contains("XCLIENT"), "{ehlo}");
+    assert!(
+        !ehlo.contains("ETRN") && !ehlo.contains("XCLIENT"),
+        "{ehlo}"
+    );
     assert!(ehlo.ends_with("250 AUTH PLAIN LOGIN\r\n"), "{ehlo}");
     p.client(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n");
-    assert_eq!(p.take_up(), b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n");
+    assert_eq!(
+        p.take_up(),
+        b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n"
+    );
     p.upstream(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go\r\n");
-    assert_eq!(p.client_text(), "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go\r\n");
+    assert_eq!(
+        p.client_text(),
+        "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go\r\n"
+    );
     p.client(b"Subject: x\r\n\r\nhello\r\n.\r\nQUIT\r\n");
     assert_eq!(p.take_up(), b"Subject: x\r\n\r\nhello\r\n.\r\nQUIT\r\n");
     assert!(p.take_client().is_empty(), "no 250 before the upstream's");
@@ -145,7 +154,10 @@ fn blocked_verbs_answered_in_order() {
     assert_eq!(p.take_up(), b"NOOP\r\nNOOP\r\n");
     assert!(p.take_client().is_empty());
     p.upstream(b"250 one\r\n");
-    assert_eq!(p.client_text(), "250 one\r\n500 5.5.1 Command unrecognized\r\n");
+    assert_eq!(
+        p.client_text(),
+        "250 one\r\n500 5.5.1 Command unrecognized\r\n"
+    );
     p.upstream(b"250 two\r\n");
     assert_eq!(p.client_text(), "250 two\r\n");
     let mut p = Pair::greeted("blocked_reply = \"ok\"\nmode = \"rfc821\"");
@@ -176,7 +188,11 @@ fn data_held_until_354_and_commands_if_refused() {
     p.client(b"DATA\r\nNOOP\r\n");
     assert_eq!(p.take_up(), b"DATA\r\n");
     p.upstream(b"554 5.5.1 no recipients\r\n");
-    assert_eq!(p.take_up(), b"NOOP\r\n", "after a refused DATA the bytes are commands");
+    assert_eq!(
+        p.take_up(),
+        b"NOOP\r\n",
+        "after a refused DATA the bytes are commands"
+    );
 }
 
 #[test]
@@ -220,7 +236,11 @@ fn smuggling_variants_never_end_data() {
                     assert_eq!(up[i - 1], b'\r', "bare LF forwarded for {variant:?}");
                 }
                 if b == b'\r' {
-                    assert_eq!(up.get(i + 1), Some(&b'\n'), "bare CR forwarded for {variant:?}");
+                    assert_eq!(
+                        up.get(i + 1),
+                        Some(&b'\n'),
+                        "bare CR forwarded for {variant:?}"
+                    );
                 }
             }
         }
@@ -242,7 +262,10 @@ fn bare_lf_reject_aborts_and_replays() {
     let up = p.take_up();
     assert!(!up.contains(&b'\n') || up == b"ok line\r\n", "{up:?}");
     p.client(b".\r\nMAIL FROM:<a@b>\r\n");
-    assert_eq!(p.client_text(), "550 5.6.11 Message contains bare CR or LF\r\n");
+    assert_eq!(
+        p.client_text(),
+        "550 5.6.11 Message contains bare CR or LF\r\n"
+    );
     // The new connection: greeting, then the EHLO replay, with replies kept from the client.
     p.connected();
     p.upstream(BANNER);
@@ -258,7 +281,10 @@ fn bare_lf_reject_aborts_and_replays() {
 fn size_limits() {
     let mut p = Pair::greeted("max_message_size = 100");
     p.client(b"MAIL FROM:<a@b> SIZE=101\r\n");
-    assert_eq!(p.client_text(), "552 5.3.4 Message size exceeds fixed maximum message size\r\n");
+    assert_eq!(
+        p.client_text(),
+        "552 5.3.4 Message size exceeds fixed maximum message size\r\n"
+    );
     assert!(p.take_up().is_empty());
     p.client(b"MAIL FROM:<a@b> SIZE=50\r\nDATA\r\n");
     p.upstream(b"250 ok\r\n354 go\r\n");
@@ -266,9 +292,15 @@ fn size_limits() {
     p.take_up();
     p.client(&[b'x'; 150]);
     assert_eq!(p.upstream_closes, 1);
-    assert!(p.take_up().is_empty(), "nothing past the limit reaches the upstream");
+    assert!(
+        p.take_up().is_empty(),
+        "nothing past the limit reaches the upstream"
+    );
     p.client(b"\r\n.\r\n");
-    assert_eq!(p.client_text(), "552 5.3.4 Message size exceeds fixed maximum message size\r\n");
+    assert_eq!(
+        p.client_text(),
+        "552 5.3.4 Message size exceeds fixed maximum message size\r\n"
+    );
 }
 
 #[test]
@@ -277,7 +309,10 @@ fn recipient_limit() {
     p.client(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nRCPT TO:<e@f>\r\n");
     assert_eq!(p.take_up(), b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n");
     p.upstream(b"250 a\r\n250 b\r\n");
-    assert_eq!(p.client_text(), "250 a\r\n250 b\r\n452 4.5.3 Too many recipients\r\n");
+    assert_eq!(
+        p.client_text(),
+        "250 a\r\n250 b\r\n452 4.5.3 Too many recipients\r\n"
+    );
 }
 
 #[test]
@@ -319,7 +354,11 @@ fn starttls_pass_discards_injected_commands() {
     p.upstream(b"220 go ahead\r\n");
     assert_eq!(p.client_text(), "220 go ahead\r\n");
     p.client(b"\x16\x03\x01binary");
-    assert_eq!(p.take_up(), b"\x16\x03\x01binary", "opaque relay, no injected MAIL");
+    assert_eq!(
+        p.take_up(),
+        b"\x16\x03\x01binary",
+        "opaque relay, no injected MAIL"
+    );
     p.upstream(b"\x16\x03\x03server");
     assert_eq!(p.take_client(), b"\x16\x03\x03server");
 }
@@ -334,7 +373,10 @@ fn banner_masked_and_upstream_failures() {
     let mut out = Vec::new();
     p.s.on_upstream_failed(p.now, &mut out);
     p.apply(&[], out);
-    assert_eq!(p.client_text(), "421 4.3.0 Service unavailable, try again later\r\n");
+    assert_eq!(
+        p.client_text(),
+        "421 4.3.0 Service unavailable, try again later\r\n"
+    );
     assert!(p.closed);
     let mut p = Pair::greeted("");
     p.client(b"NOOP\r\n");
@@ -348,7 +390,10 @@ fn banner_masked_and_upstream_failures() {
     p.upstream_closed();
     assert!(!p.closed);
     p.client(b".\r\n");
-    assert_eq!(p.client_text(), "451 4.3.0 Upstream connection lost, message not delivered\r\n");
+    assert_eq!(
+        p.client_text(),
+        "451 4.3.0 Upstream connection lost, message not delivered\r\n"
+    );
     assert!(p.closed);
 }
 
@@ -373,10 +418,16 @@ fn bad_input() {
     assert_eq!(p.client_text(), "500 5.5.2 Line too long\r\n");
     p.upstream(b"250 ok\r\n");
     p.client(b"NO\0OP\r\n\xff\xfe\r\n\r\n");
-    assert_eq!(p.client_text(), "250 ok\r\n500 5.5.2 Syntax error\r\n500 5.5.2 Syntax error\r\n500 5.5.2 Syntax error\r\n");
+    assert_eq!(
+        p.client_text(),
+        "250 ok\r\n500 5.5.2 Syntax error\r\n500 5.5.2 Syntax error\r\n500 5.5.2 Syntax error\r\n"
+    );
     let mut p = Pair::greeted("");
     p.client(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03");
-    assert_eq!(p.client_text(), "421 4.7.0 Protocol error, closing connection\r\n");
+    assert_eq!(
+        p.client_text(),
+        "421 4.7.0 Protocol error, closing connection\r\n"
+    );
     assert!(p.closed);
     let mut p = Pair::greeted("hard_error_limit = 3");
     p.client(b"X\r\nX\r\nX\r\nX\r\n");
@@ -404,7 +455,10 @@ fn timeouts() {
 fn check_addresses() {
     let mut p = Pair::greeted("check_addresses = true");
     p.client(b"MAIL FROM:<a|b@c>\r\nRCPT TO:<<x@y>\r\n");
-    assert_eq!(p.client_text(), "553 5.1.3 Invalid character in address\r\n501 5.5.4 Syntax error in address\r\n");
+    assert_eq!(
+        p.client_text(),
+        "553 5.1.3 Invalid character in address\r\n501 5.5.4 Syntax error in address\r\n"
+    );
     assert!(p.take_up().is_empty());
 }
 
@@ -443,9 +497,15 @@ fn split<'a>(bytes: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
 fn scripted_session_whole() {
     let (up, client) = run_split(&[], &[]);
     let up = String::from_utf8_lossy(&up);
-    assert!(up.contains("body\r\n..\r\n..stuffed\r\n.\r\nBDAT 12\r\nRSET\r\nQUIT\r\nBDAT 0 LAST\r\n"), "{up}");
+    assert!(
+        up.contains("body\r\n..\r\n..stuffed\r\n.\r\nBDAT 12\r\nRSET\r\nQUIT\r\nBDAT 0 LAST\r\n"),
+        "{up}"
+    );
     let client = String::from_utf8_lossy(&client);
-    assert!(client.contains("250 ok\r\n250 ok\r\n500 5.5.1 Command unrecognized\r\n354 go\r\n"), "{client}");
+    assert!(
+        client.contains("250 ok\r\n250 ok\r\n500 5.5.1 Command unrecognized\r\n354 go\r\n"),
+        "{client}"
+    );
     assert!(client.ends_with("235 ok\r\n221 bye\r\n"), "{client}");
 }
 
