@@ -1,18 +1,21 @@
-//! The glue between the ring and the engine: the live policy, and the factory that gives each
-//! accepted connection a [`Session`] holding the policy snapshot current at accept.
+//! The glue between the ring and the engine: the live policy, the connection limits, and the
+//! factory that gives each accepted connection a [`Session`] holding the policy snapshot
+//! current at accept.
 //!
-//! Owns the policy generation. Must not touch sockets (the ring's) or SMTP (the engine's).
+//! Owns the policy generation and the per-host connection counts. Must not touch sockets (the
+//! ring's) or SMTP (the engine's).
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 use crate::config::Policy;
-use crate::proto::Session;
-use crate::relay::ProxyFactory;
+use crate::proto::{Refusal, Session};
+use crate::relay::{Action, Proxy, ProxyFactory};
 
 /// The policy in force, replaced as a whole on reload. Readers look at the generation (one
 /// atomic load per accept) and take the lock only when it changed.
@@ -50,21 +53,149 @@ impl LivePolicy {
     }
 }
 
+/// Sessions open on this host, in all and per client address. Shared by the workers; touched
+/// once when a connection is accepted and once when it ends, never per command.
+#[derive(Debug, Default)]
+pub struct Connections {
+    counts: Mutex<Counts>,
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    total: u32,
+    per_client: HashMap<ClientKey, u32>,
+}
+
+/// What `max_connections_per_ip` counts as one client: an IPv4 address, or an IPv6 /64
+/// (one site's addresses are usually a /64 it can pick from freely).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClientKey {
+    V4(u32),
+    V6Net(u64),
+}
+
+impl ClientKey {
+    /// The key of a peer address; IPv4-mapped IPv6 counts as IPv4.
+    pub fn of(ip: IpAddr) -> ClientKey {
+        match ip {
+            IpAddr::V4(v4) => ClientKey::V4(u32::from(v4)),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => ClientKey::V4(u32::from(v4)),
+                None => ClientKey::V6Net((u128::from(v6) >> 64) as u64),
+            },
+        }
+    }
+}
+
+impl Connections {
+    /// Counts a new connection from `ip` if the policy's limits allow it.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr, policy: &Policy) -> Option<Permit> {
+        let key = ClientKey::of(ip);
+        let mut counts = self.counts.lock();
+        let mine = counts.per_client.get(&key).copied().unwrap_or(0);
+        let over_total = policy.max_connections > 0 && counts.total >= policy.max_connections;
+        let over_mine = policy.max_connections_per_ip > 0 && mine >= policy.max_connections_per_ip;
+        if over_total || over_mine {
+            return None;
+        }
+        counts.total += 1;
+        counts.per_client.insert(key, mine + 1);
+        Some(Permit {
+            connections: Arc::clone(self),
+            key,
+        })
+    }
+
+    /// Sessions open now.
+    pub fn open(&self) -> u32 {
+        self.counts.lock().total
+    }
+}
+
+/// One counted connection; dropping it uncounts it.
+#[derive(Debug)]
+pub struct Permit {
+    connections: Arc<Connections>,
+    key: ClientKey,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let mut counts = self.connections.counts.lock();
+        counts.total = counts.total.saturating_sub(1);
+        if let Some(n) = counts.per_client.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                counts.per_client.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// The session the ring drives: the engine's [`Session`] plus what this host counts about it.
+#[derive(Debug)]
+pub struct GuardSession {
+    inner: Session,
+    _permit: Option<Permit>,
+}
+
+impl GuardSession {
+    /// The engine session inside.
+    pub fn engine(&self) -> &Session {
+        &self.inner
+    }
+}
+
+impl Proxy for GuardSession {
+    fn start(&mut self, now: Instant, out: &mut Vec<Action>) {
+        self.inner.start(now, out);
+    }
+    fn on_client(&mut self, data: &[u8], now: Instant, out: &mut Vec<Action>) {
+        self.inner.on_client(data, now, out);
+    }
+    fn on_upstream(&mut self, data: &[u8], now: Instant, out: &mut Vec<Action>) {
+        self.inner.on_upstream(data, now, out);
+    }
+    fn on_upstream_connected(&mut self, now: Instant, out: &mut Vec<Action>) {
+        self.inner.on_upstream_connected(now, out);
+    }
+    fn on_upstream_failed(&mut self, now: Instant, out: &mut Vec<Action>) {
+        self.inner.on_upstream_failed(now, out);
+    }
+    fn on_client_closed(&mut self, now: Instant, out: &mut Vec<Action>) {
+        self.inner.on_client_closed(now, out);
+    }
+    fn on_upstream_closed(&mut self, now: Instant, out: &mut Vec<Action>) {
+        self.inner.on_upstream_closed(now, out);
+    }
+    fn deadline(&self) -> Option<Instant> {
+        self.inner.deadline()
+    }
+    fn on_timeout(&mut self, now: Instant, out: &mut Vec<Action>) {
+        self.inner.on_timeout(now, out);
+    }
+    fn on_shutdown(&mut self, force: bool, now: Instant, out: &mut Vec<Action>) {
+        self.inner.on_shutdown(force, now, out);
+    }
+}
+
 /// One per worker thread: makes sessions with a cached policy snapshot.
 #[derive(Debug)]
 pub struct SessionFactory {
     live: Arc<LivePolicy>,
+    connections: Arc<Connections>,
     generation: u64,
     policy: Arc<Policy>,
 }
 
 impl SessionFactory {
-    /// A factory reading from `live`.
-    pub fn new(live: Arc<LivePolicy>) -> SessionFactory {
+    /// A factory reading from `live` and counting into `connections` (shared by all workers).
+    pub fn new(live: Arc<LivePolicy>, connections: Arc<Connections>) -> SessionFactory {
         let generation = live.generation();
         let policy = live.snapshot();
         SessionFactory {
             live,
+            connections,
             generation,
             policy,
         }
@@ -72,14 +203,63 @@ impl SessionFactory {
 }
 
 impl ProxyFactory for SessionFactory {
-    type Session = Session;
+    type Session = GuardSession;
 
-    fn new_session(&mut self, _peer: SocketAddr, now: Instant) -> Session {
+    fn new_session(&mut self, peer: SocketAddr, now: Instant) -> GuardSession {
         let generation = self.live.generation();
         if generation != self.generation {
             self.policy = self.live.snapshot();
             self.generation = generation;
         }
-        Session::new(Arc::clone(&self.policy), now)
+        let policy = Arc::clone(&self.policy);
+        match self.connections.admit(peer.ip(), &policy) {
+            Some(permit) => GuardSession {
+                inner: Session::new(policy, now),
+                _permit: Some(permit),
+            },
+            None => GuardSession {
+                inner: Session::refused(policy, now, Refusal::TooManyConnections),
+                _permit: None,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(text: &str) -> Policy {
+        Policy::parse(text, "test").unwrap()
+    }
+
+    #[test]
+    fn per_client_limit_counts_ipv6_per_64() {
+        let c = Arc::new(Connections::default());
+        let p = policy("max_connections_per_ip = 2");
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        let first = c.admit(a, &p).unwrap();
+        let _second = c.admit(b, &p).unwrap();
+        assert!(c.admit(a, &p).is_none(), "same /64");
+        assert!(c.admit(other, &p).is_some(), "another /64");
+        drop(first);
+        assert!(c.admit(b, &p).is_some(), "a slot came back");
+    }
+
+    #[test]
+    fn total_limit_and_mapped_v4() {
+        let c = Arc::new(Connections::default());
+        let p = policy("max_connections = 1");
+        let v4: IpAddr = "192.0.2.1".parse().unwrap();
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        assert_eq!(ClientKey::of(v4), ClientKey::of(mapped));
+        let permit = c.admit(v4, &p).unwrap();
+        assert!(c.admit("192.0.2.2".parse().unwrap(), &p).is_none());
+        assert_eq!(c.open(), 1);
+        drop(permit);
+        assert_eq!(c.open(), 0);
+        assert!(c.admit(mapped, &policy("")).is_some());
     }
 }

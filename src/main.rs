@@ -12,7 +12,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use mailguard::config::Policy;
-use mailguard::guard::{LivePolicy, SessionFactory};
+use mailguard::guard::{Connections, LivePolicy, SessionFactory};
 use mailguard::io::{self, RingConfig};
 
 /// An SMTP inspection proxy: relays each client's SMTP dialogue to the upstream MTA and
@@ -87,8 +87,9 @@ fn run(cli: Cli) -> Result<(), String> {
         .map_err(|e| format!("cannot watch signals: {e}"))?;
     let config = RingConfig::new(threads, cli.upstream);
     let factory_policy = Arc::clone(&live);
+    let connections = Arc::new(Connections::default());
     let server = io::serve(listener, config, move |_| {
-        SessionFactory::new(Arc::clone(&factory_policy))
+        SessionFactory::new(Arc::clone(&factory_policy), Arc::clone(&connections))
     })
     .map_err(|e| e.to_string())?;
     eprintln!(

@@ -95,6 +95,9 @@ pub trait Proxy {
     fn deadline(&self) -> Option<Instant>;
     /// The deadline returned by [`Proxy::deadline`] has passed.
     fn on_timeout(&mut self, now: Instant, out: &mut Vec<Action>);
+    /// The server is shutting down. Without `force` the session should end at its next
+    /// quiet point (it may be called again); with `force` it must end now.
+    fn on_shutdown(&mut self, force: bool, now: Instant, out: &mut Vec<Action>);
 }
 
 /// Makes one [`Proxy`] per accepted connection. Each worker thread owns one factory, so a

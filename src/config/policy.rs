@@ -149,6 +149,12 @@ pub struct Policy {
     pub command_timeout: Duration,
     pub data_timeout: Duration,
     pub final_timeout: Duration,
+    /// Bytes/s a DATA or BDAT phase must average once `data_timeout` is used up; 0 is off.
+    pub min_data_rate: u64,
+    /// Sessions open at once, over all clients; 0 is no limit.
+    pub max_connections: u32,
+    /// Sessions open at once from one address (IPv6: one /64); 0 is no limit.
+    pub max_connections_per_ip: u32,
     /// The verbs that pass: the mode's (or `allow`'s) minus those of removed extensions.
     allowed: Vec<Verb>,
 }
@@ -251,6 +257,9 @@ impl Policy {
             command_timeout: Duration::from_secs(file.command_timeout.unwrap_or(300)),
             data_timeout: Duration::from_secs(file.data_timeout.unwrap_or(180)),
             final_timeout: Duration::from_secs(file.final_timeout.unwrap_or(600)),
+            min_data_rate: file.min_data_rate.unwrap_or(500),
+            max_connections: file.max_connections.unwrap_or(0),
+            max_connections_per_ip: file.max_connections_per_ip.unwrap_or(0),
             allowed,
         }
     }
@@ -319,6 +328,9 @@ struct File {
     data_timeout: Option<u64>,
     #[serde(default, deserialize_with = "seconds")]
     final_timeout: Option<u64>,
+    min_data_rate: Option<u64>,
+    max_connections: Option<u32>,
+    max_connections_per_ip: Option<u32>,
 }
 
 /// A verb named in `allow`.
@@ -446,7 +458,7 @@ mod tests {
     fn errors_name_line_and_column() {
         assert_eq!(
             err("mode = \"modern\"\nbogus = 1\n"),
-            "p.toml:2:1: unknown field `bogus`, expected one of `mode`, `allow`, `blocked_reply`, `mask_banner`, `extensions`, `max_recipients`, `max_message_size`, `max_line_length`, `bare_lf`, `starttls`, `check_addresses`, `hard_error_limit`, `greeting_timeout`, `command_timeout`, `data_timeout`, `final_timeout`"
+            "p.toml:2:1: unknown field `bogus`, expected one of `mode`, `allow`, `blocked_reply`, `mask_banner`, `extensions`, `max_recipients`, `max_message_size`, `max_line_length`, `bare_lf`, `starttls`, `check_addresses`, `hard_error_limit`, `greeting_timeout`, `command_timeout`, `data_timeout`, `final_timeout`, `min_data_rate`, `max_connections`, `max_connections_per_ip`"
         );
         let e = err("mode = \"pix\"");
         assert!(e.starts_with("p.toml:1:8: unknown variant `pix`"), "{e}");

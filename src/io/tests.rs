@@ -72,6 +72,10 @@ impl Proxy for Pass {
         ));
         out.push(Action::Close);
     }
+
+    fn on_shutdown(&mut self, _force: bool, _now: Instant, out: &mut Vec<Action>) {
+        out.push(Action::Close);
+    }
 }
 
 #[derive(Clone, Default)]

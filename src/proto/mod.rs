@@ -9,5 +9,5 @@ pub mod reply;
 mod session;
 mod verb;
 
-pub use session::Session;
+pub use session::{Counters, Refusal, Session};
 pub use verb::Verb;

@@ -20,7 +20,7 @@
 use std::collections::VecDeque;
 use std::mem;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::config::{BareLf, BlockedReply, Policy};
 use crate::relay::{Action, Chunk, Proxy, Side};
@@ -54,6 +54,56 @@ mod text {
     pub const UPSTREAM_TIMEOUT: &[u8] = b"421 4.4.2 Upstream timeout\r\n";
     pub const UPSTREAM_TIMEOUT_DATA: &[u8] = b"451 4.4.2 Upstream timeout\r\n";
     pub const TOO_MUCH_INPUT: &[u8] = b"421 4.7.0 Too much pipelined input, closing connection\r\n";
+    pub const SHUTTING_DOWN: &[u8] = b"421 4.3.2 Service shutting down\r\n";
+    pub const TOO_MANY_CONNECTIONS: &[u8] = b"421 4.7.0 Too many connections\r\n";
+}
+
+/// Why a connection is refused before any banner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Over `max_connections` or `max_connections_per_ip`.
+    TooManyConnections,
+}
+
+/// What one session decided, for metrics. Plain counters: the owner sums them per worker.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counters {
+    /// Command lines read from the client.
+    pub commands: u32,
+    /// Blocked verbs, by [`Verb::index`] (the last slot counts tokens that are no verb).
+    pub blocked: [u32; Verb::INDEXED + 1],
+    pub banner_masked: u32,
+    /// EHLO keywords removed from the upstream's reply.
+    pub keywords_removed: u32,
+    pub recipients_over_limit: u32,
+    pub size_refused: u32,
+    /// Messages in which a bare CR or LF was turned into CRLF.
+    pub bare_line_ends_normalized: u32,
+    pub bare_line_ends_refused: u32,
+    pub nul_refused: u32,
+    pub address_refused: u32,
+    pub lines_too_long: u32,
+    pub syntax_errors: u32,
+    /// TLS or HTTP on the plain port, upstream protocol errors, pipelining floods.
+    pub protocol_errors: u32,
+    pub error_limit_reached: u32,
+    pub timeouts: u32,
+    /// Messages the upstream accepted (its 2xx after the end of data, or after BDAT LAST).
+    pub messages_accepted: u32,
+    /// Messages the upstream refused after the end of data.
+    pub messages_refused_upstream: u32,
+    /// Upstream connections that failed or ended unexpectedly.
+    pub upstream_failures: u32,
+    /// Replies sent to the client, by class: 2xx, 3xx, 4xx, 5xx.
+    pub replies: [u32; 4],
+}
+
+impl Counters {
+    fn reply(&mut self, bytes: &[u8]) {
+        if let Some(class @ b'2'..=b'5') = bytes.first() {
+            self.replies[usize::from(class - b'2')] += 1;
+        }
+    }
 }
 
 /// Most client bytes held at a synchronisation point. A client that pipelines this much
@@ -132,6 +182,7 @@ enum Pending {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Expect {
     Ehlo,
+    Mail,
     Data,
     DataEnd,
     Bdat { last: bool },
@@ -211,6 +262,16 @@ pub struct Session {
     auth_in_progress: Vec<Vec<u8>>,
     /// Scratch for the scanner's output, kept to avoid an allocation per DATA chunk.
     pieces: Vec<Piece>,
+    /// A MAIL was forwarded and its transaction has not ended.
+    in_transaction: bool,
+    /// The server is shutting down: end at the next quiet point.
+    draining: bool,
+    /// Set for a connection refused before any banner.
+    refusal: Option<Refusal>,
+    /// Start and byte count of the current DATA or BDAT phase, for `min_data_rate`.
+    data_started: Instant,
+    data_bytes: u64,
+    counters: Counters,
     now: Instant,
     client_since: Instant,
     upstream_since: Instant,
@@ -239,15 +300,33 @@ impl Session {
             auth: Vec::new(),
             auth_in_progress: Vec::new(),
             pieces: Vec::new(),
+            in_transaction: false,
+            draining: false,
+            refusal: None,
+            data_started: now,
+            data_bytes: 0,
+            counters: Counters::default(),
             now,
             client_since: now,
             upstream_since: now,
         }
     }
 
+    /// A session that refuses the client before any banner and never contacts the upstream.
+    pub fn refused(policy: Arc<Policy>, now: Instant, why: Refusal) -> Session {
+        let mut s = Session::new(policy, now);
+        s.refusal = Some(why);
+        s
+    }
+
     /// Whether the session has ended.
     pub fn is_closed(&self) -> bool {
         self.closed
+    }
+
+    /// What the session decided so far.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
     }
 
     // ----- client side -------------------------------------------------------------------
@@ -301,6 +380,7 @@ impl Session {
             return;
         }
         if self.held.len() + rest.len() > MAX_HELD {
+            self.counters.protocol_errors += 1;
             self.fail_close(text::TOO_MUCH_INPUT, out);
             return;
         }
@@ -328,6 +408,7 @@ impl Session {
         let fresh_line = self.line.is_empty() && !self.discarding;
         if fresh_line && matches!(self.mode, ClientMode::Command) && is_binary_handshake(rest[0]) {
             // A TLS ClientHello (or SSLv2 hello) on the plain port: it will never send LF.
+            self.counters.protocol_errors += 1;
             self.fail_close(text::PROTOCOL, out);
             return rest.len();
         }
@@ -350,6 +431,7 @@ impl Session {
         let used = lf + 1;
         if self.discarding {
             self.discarding = false;
+            self.counters.lines_too_long += 1;
             self.local_error(text::LINE_TOO_LONG, out);
         } else if self.line.is_empty() {
             let at = (src == Src::Input && rest[..used].ends_with(b"\r\n")).then_some(pos);
@@ -390,6 +472,7 @@ impl Session {
 
     fn on_line(&mut self, line: &Line<'_>, limit: usize, out: &mut Vec<Action>) {
         if line.content().len() > limit {
+            self.counters.lines_too_long += 1;
             self.local_error(text::LINE_TOO_LONG, out);
             return;
         }
@@ -403,22 +486,27 @@ impl Session {
     }
 
     fn on_command(&mut self, line: &Line<'_>, out: &mut Vec<Action>) {
+        self.counters.commands += 1;
         let content = line.content();
         let Some((verb, _)) = Verb::of_line(content) else {
             let reply = if content.is_empty() || !is_clean(content) {
+                self.counters.syntax_errors += 1;
                 text::SYNTAX
             } else {
+                self.counters.blocked[Verb::INDEXED] += 1;
                 self.blocked_reply()
             };
             self.local_error(reply, out);
             return;
         };
         if verb.is_http_method() && !self.policy.allows(verb) {
+            self.counters.protocol_errors += 1;
             self.fail_close(text::PROTOCOL, out);
             return;
         }
         if (verb == Verb::MAIL || verb == Verb::RCPT) && self.policy.check_addresses {
             if let Err(fault) = command::check_address(content) {
+                self.counters.address_refused += 1;
                 let reply = match fault {
                     AddressFault::SpecialCharacter => text::BAD_ADDRESS_CHAR,
                     AddressFault::Unbalanced => text::BAD_ADDRESS_SYNTAX,
@@ -428,6 +516,7 @@ impl Session {
             }
         }
         if !is_clean(content) {
+            self.counters.syntax_errors += 1;
             self.local_error(text::SYNTAX, out);
             return;
         }
@@ -441,6 +530,7 @@ impl Session {
                     };
                 }
             }
+            self.counters.blocked[verb.index().unwrap_or(Verb::INDEXED)] += 1;
             let reply = self.blocked_reply();
             self.local_error(reply, out);
             return;
@@ -471,14 +561,17 @@ impl Session {
             Verb::MAIL => {
                 let max = self.policy.max_message_size;
                 if max > 0 && command::size_param(content).is_some_and(|size| size > max) {
+                    self.counters.size_refused += 1;
                     self.local(text::TOO_BIG, false, out);
                     return;
                 }
                 self.reset_transaction();
-                self.forward(line.chunk(), Expect::Other, out);
+                self.in_transaction = true;
+                self.forward(line.chunk(), Expect::Mail, out);
             }
             Verb::RCPT => {
                 if self.rcpts >= self.policy.max_recipients {
+                    self.counters.recipients_over_limit += 1;
                     self.local(text::TOO_MANY_RCPTS, false, out);
                     return;
                 }
@@ -523,6 +616,7 @@ impl Session {
         self.bdat_total = self.bdat_total.saturating_add(b.size);
         let max = self.policy.max_message_size;
         if max > 0 && self.bdat_total > max {
+            self.counters.size_refused += 1;
             self.mode = ClientMode::Bdat {
                 remaining: b.size,
                 forward: false,
@@ -544,9 +638,11 @@ impl Session {
             remaining: b.size,
             forward: true,
         };
+        self.start_data_phase();
     }
 
     fn reset_transaction(&mut self) {
+        self.in_transaction = false;
         self.rcpts = 0;
         self.bdat_total = 0;
         self.bdat_refused = None;
@@ -558,6 +654,7 @@ impl Session {
         };
         let n = (bytes.len() - pos).min(usize::try_from(*remaining).unwrap_or(usize::MAX));
         *remaining -= n as u64;
+        self.data_bytes += n as u64;
         if *forward && n > 0 {
             send(out, Side::Upstream, chunk(bytes, pos..pos + n, src));
         }
@@ -574,6 +671,7 @@ impl Session {
         let mut pieces = mem::take(&mut self.pieces);
         pieces.clear();
         let scanned = state.scanner.scan(&bytes[pos..], &mut |p| pieces.push(p));
+        self.data_bytes += scanned.consumed as u64;
         let newly_failed = state.fail.is_none() && {
             state.fail = violation(&state.scanner, &self.policy);
             state.fail.is_some()
@@ -603,9 +701,22 @@ impl Session {
             return;
         };
         self.reset_transaction();
+        let flags = state.scanner.flags();
+        if state.fail.is_none() && (flags.bare_lf || flags.bare_cr) {
+            self.counters.bare_line_ends_normalized += 1;
+        }
         match state.fail {
-            None => self.expect(Expect::DataEnd),
+            None => {
+                self.in_transaction = true;
+                self.expect(Expect::DataEnd);
+            }
             Some(fail) => {
+                match fail {
+                    Fail::Size => self.counters.size_refused += 1,
+                    Fail::BareLineEnd => self.counters.bare_line_ends_refused += 1,
+                    Fail::Nul => self.counters.nul_refused += 1,
+                    Fail::UpstreamLost => {}
+                }
                 let close = fail == Fail::UpstreamLost || self.up == Up::Gone;
                 self.local(fail.reply(), close, out);
             }
@@ -652,7 +763,9 @@ impl Session {
             }
             return;
         }
+        self.counters.reply(reply.bytes(input));
         let c = if self.policy.mask_banner {
+            self.counters.banner_masked += 1;
             Chunk::Owned(reply::mask(reply.bytes(input)))
         } else {
             reply_chunk(reply.bytes)
@@ -701,14 +814,32 @@ impl Session {
             self.close(out);
             return;
         };
+        self.counters.reply(reply.bytes(input));
         match expect {
             Expect::Ehlo if reply.code == 250 => {
                 let policy = &self.policy;
-                let filtered = reply::filter_ehlo(reply.bytes(input), |k| policy.keeps_keyword(k));
+                let bytes = reply.bytes(input);
+                let filtered = reply::filter_ehlo(bytes, |k| policy.keeps_keyword(k));
+                let removed = reply::lines(bytes).count() - reply::lines(&filtered).count();
+                self.counters.keywords_removed += removed as u32;
                 send(out, Side::Client, Chunk::Owned(filtered));
+            }
+            Expect::Mail => {
+                self.in_transaction = reply.class() == 2;
+                send(out, Side::Client, reply_chunk(reply.bytes));
+            }
+            Expect::DataEnd | Expect::Bdat { last: true } => {
+                self.in_transaction = false;
+                if reply.class() == 2 {
+                    self.counters.messages_accepted += 1;
+                } else {
+                    self.counters.messages_refused_upstream += 1;
+                }
+                send(out, Side::Client, reply_chunk(reply.bytes));
             }
             Expect::Data if reply.code == 354 => {
                 send(out, Side::Client, reply_chunk(reply.bytes));
+                self.start_data_phase();
                 self.mode = ClientMode::Data(Box::new(DataState {
                     scanner: DataScanner::new(match self.policy.bare_lf {
                         BareLf::Reject => Bare::Reject,
@@ -751,6 +882,24 @@ impl Session {
             return;
         }
         self.resume(out);
+        self.drain_if_idle(out);
+    }
+
+    fn start_data_phase(&mut self) {
+        self.data_started = self.now;
+        self.data_bytes = 0;
+    }
+
+    /// While draining, ends the session once no transaction is open and nothing is owed.
+    fn drain_if_idle(&mut self, out: &mut Vec<Action>) {
+        let quiet = !self.in_transaction
+            && self.pending.is_empty()
+            && self.held.is_empty()
+            && matches!(self.mode, ClientMode::Command)
+            && matches!(self.up, Up::Ready | Up::Gone);
+        if self.draining && quiet && !self.closed {
+            self.fail_close(text::SHUTTING_DOWN, out);
+        }
     }
 
     /// Drops the upstream connection mid-transaction so nothing is delivered, answers every
@@ -783,6 +932,7 @@ impl Session {
             self.stop_reading = true;
         }
         if self.pending.is_empty() {
+            self.counters.reply(reply);
             send(out, Side::Client, Chunk::Static(reply));
             if close {
                 self.close(out);
@@ -796,6 +946,7 @@ impl Session {
     fn local_error(&mut self, reply: &'static [u8], out: &mut Vec<Action>) {
         self.errors += 1;
         if self.errors >= self.policy.hard_error_limit {
+            self.counters.error_limit_reached += 1;
             self.local(text::TOO_MANY_ERRORS, true, out);
         } else {
             self.local(reply, false, out);
@@ -805,6 +956,7 @@ impl Session {
     fn flush_locals(&mut self, out: &mut Vec<Action>) {
         while let Some(&Pending::Local { reply, close }) = self.pending.front() {
             self.pending.pop_front();
+            self.counters.reply(reply);
             send(out, Side::Client, Chunk::Static(reply));
             if close {
                 self.close(out);
@@ -821,9 +973,11 @@ impl Session {
         }
         while let Some(&Pending::Local { reply: r, .. }) = self.pending.front() {
             self.pending.pop_front();
+            self.counters.reply(r);
             send(out, Side::Client, Chunk::Static(r));
         }
         self.pending.clear();
+        self.counters.reply(reply);
         send(out, Side::Client, Chunk::Static(reply));
         self.close(out);
     }
@@ -898,7 +1052,12 @@ impl Proxy for Session {
         self.now = now;
         self.client_since = now;
         self.upstream_since = now;
-        out.push(Action::Connect);
+        match self.refusal {
+            Some(Refusal::TooManyConnections) => {
+                self.fail_close(text::TOO_MANY_CONNECTIONS, out);
+            }
+            None => out.push(Action::Connect),
+        }
     }
 
     fn on_client(&mut self, data: &[u8], now: Instant, out: &mut Vec<Action>) {
@@ -930,6 +1089,8 @@ impl Proxy for Session {
                 Ok(Some(reply)) => self.on_reply(reply, data, out),
                 Ok(None) => break,
                 Err(_) => {
+                    self.counters.protocol_errors += 1;
+                    self.counters.upstream_failures += 1;
                     let reply = if self.message_in_flight() {
                         text::UPSTREAM_LOST_DATA
                     } else {
@@ -1018,13 +1179,21 @@ impl Proxy for Session {
         };
         Some(match upstream_wait {
             Some(t) => self.upstream_since + t,
-            None => {
-                let t = match self.mode {
-                    ClientMode::Data(_) | ClientMode::Bdat { .. } => p.data_timeout,
-                    _ => p.command_timeout,
-                };
-                self.client_since + t
-            }
+            None => match self.mode {
+                ClientMode::Data(_) | ClientMode::Bdat { .. } => {
+                    let idle = self.client_since + p.data_timeout;
+                    if p.min_data_rate == 0 {
+                        idle
+                    } else {
+                        // Postfix's smtpd_min_data_rate: every byte buys 1/rate more seconds.
+                        let earned = Duration::from_secs_f64(
+                            self.data_bytes as f64 / p.min_data_rate as f64,
+                        );
+                        idle.min(self.data_started + p.data_timeout + earned)
+                    }
+                }
+                _ => self.client_since + p.command_timeout,
+            },
         })
     }
 
@@ -1034,6 +1203,7 @@ impl Proxy for Session {
             Some(d) if d <= now => {}
             _ => return,
         }
+        self.counters.timeouts += 1;
         let waiting_for_upstream =
             !matches!(self.up, Up::Ready | Up::Gone) || self.awaiting_upstream();
         let reply = if !waiting_for_upstream {
@@ -1045,12 +1215,25 @@ impl Proxy for Session {
         };
         self.fail_close(reply, out);
     }
+
+    fn on_shutdown(&mut self, force: bool, now: Instant, out: &mut Vec<Action>) {
+        self.now = now;
+        self.draining = true;
+        if force {
+            // Mid-message this closes the upstream without an end of data: nothing half-sent
+            // is delivered, and the client was never told 250.
+            self.fail_close(text::SHUTTING_DOWN, out);
+        } else {
+            self.drain_if_idle(out);
+        }
+    }
 }
 
 impl Session {
     /// The upstream connection ended or could not be made.
     fn on_upstream_gone(&mut self, reply: &'static [u8], out: &mut Vec<Action>) {
         self.up = Up::Gone;
+        self.counters.upstream_failures += 1;
         if let ClientMode::Data(state) = &mut self.mode {
             // The client is still sending the body: refuse it once it has finished.
             state.fail.get_or_insert(Fail::UpstreamLost);

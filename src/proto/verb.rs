@@ -48,6 +48,40 @@ impl Verb {
         METHODS.contains(&self)
     }
 
+    /// How many verbs [`Verb::index`] numbers.
+    pub const INDEXED: usize = 22;
+
+    /// The known verbs, in index order.
+    pub const KNOWN: [Verb; Verb::INDEXED] = [
+        Verb::HELO,
+        Verb::EHLO,
+        Verb::MAIL,
+        Verb::RCPT,
+        Verb::DATA,
+        Verb::BDAT,
+        Verb::RSET,
+        Verb::NOOP,
+        Verb::QUIT,
+        Verb::AUTH,
+        Verb::STARTTLS,
+        Verb::HELP,
+        Verb::VRFY,
+        Verb::EXPN,
+        Verb::ETRN,
+        Verb::TURN,
+        Verb::ATRN,
+        Verb::SAML,
+        Verb::SEND,
+        Verb::SOML,
+        Verb::XCLIENT,
+        Verb::XFORWARD,
+    ];
+
+    /// A small number for each known verb (for counters); `None` for other verbs.
+    pub fn index(self) -> Option<usize> {
+        Verb::KNOWN.iter().position(|&v| v == self)
+    }
+
     /// Builds a verb from a literal; only for upper-case constants of 1..=8 letters.
     const fn constant(name: &[u8]) -> Verb {
         assert!(!name.is_empty() && name.len() <= 8);

@@ -528,3 +528,99 @@ fn every_single_byte_split_gives_the_same_bytes() {
     let every_up: Vec<usize> = (0..UPSTREAM_SCRIPT.len()).collect();
     assert_eq!(run_split(&every, &every_up), whole);
 }
+
+#[test]
+fn refused_session_never_connects() {
+    let policy = Arc::new(Policy::default());
+    let now = Instant::now();
+    let mut s = Session::refused(policy, now, Refusal::TooManyConnections);
+    let mut out = Vec::new();
+    s.start(now, &mut out);
+    assert_eq!(
+        out,
+        vec![
+            Action::Send(
+                Side::Client,
+                Chunk::Static(b"421 4.7.0 Too many connections\r\n")
+            ),
+            Action::Close
+        ]
+    );
+}
+
+#[test]
+fn drain_waits_for_the_open_transaction() {
+    let mut p = Pair::greeted("");
+    p.client(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n");
+    p.upstream(b"250 a\r\n250 b\r\n354 c\r\n");
+    p.take_client();
+    let mut out = Vec::new();
+    p.s.on_shutdown(false, p.now, &mut out);
+    p.apply(&[], out);
+    assert!(!p.closed, "mid-transaction: the message may finish");
+    p.client(b"body\r\n.\r\n");
+    p.upstream(b"250 queued\r\n");
+    assert_eq!(
+        p.client_text(),
+        "250 queued\r\n421 4.3.2 Service shutting down\r\n"
+    );
+    assert!(p.closed);
+    let mut p = Pair::greeted("");
+    let mut out = Vec::new();
+    p.s.on_shutdown(false, p.now, &mut out);
+    p.apply(&[], out);
+    assert_eq!(p.client_text(), "421 4.3.2 Service shutting down\r\n");
+}
+
+#[test]
+fn forced_shutdown_mid_data_delivers_nothing() {
+    let mut p = Pair::greeted("");
+    p.client(b"DATA\r\n");
+    p.upstream(b"354 c\r\n");
+    p.take_up();
+    p.client(b"half a body\r\n");
+    let mut out = Vec::new();
+    p.s.on_shutdown(true, p.now, &mut out);
+    p.apply(&[], out);
+    assert!(p.closed);
+    assert!(!p.take_up().ends_with(b"\r\n.\r\n"));
+}
+
+#[test]
+fn trickling_client_is_cut_by_min_data_rate() {
+    let mut p = Pair::greeted("data_timeout = 10\nmin_data_rate = 100");
+    p.client(b"DATA\r\n");
+    p.upstream(b"354 c\r\n");
+    p.take_client();
+    // 1 byte per second: never idle for data_timeout, but far below 100 bytes/s.
+    for _ in 0..10 {
+        p.now += Duration::from_secs(1);
+        p.client(b"x");
+        p.advance(Duration::ZERO);
+    }
+    assert!(!p.closed, "the first data_timeout seconds are free");
+    for _ in 0..5 {
+        p.now += Duration::from_secs(1);
+        p.client(b"x");
+        p.advance(Duration::ZERO);
+    }
+    assert_eq!(p.client_text(), "421 4.4.2 Timeout, closing connection\r\n");
+}
+
+#[test]
+fn counters_follow_decisions() {
+    let mut p = Pair::greeted("max_recipients = 1");
+    p.client(b"EHLO c\r\nVRFY x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nRCPT TO:<e@f>\r\nDATA\r\n");
+    p.upstream(EHLO_REPLY);
+    p.upstream(b"250 a\r\n250 b\r\n354 c\r\n");
+    p.client(b"x\ny\r\n.\r\n");
+    p.upstream(b"250 queued\r\n");
+    let c = *p.s.counters();
+    assert_eq!(c.commands, 6);
+    assert_eq!(c.blocked[Verb::VRFY.index().unwrap()], 1);
+    assert_eq!(c.keywords_removed, 2, "ETRN and XCLIENT");
+    assert_eq!(c.recipients_over_limit, 1);
+    assert_eq!(c.bare_line_ends_normalized, 1);
+    assert_eq!(c.messages_accepted, 1);
+    assert_eq!(c.replies, [5, 1, 1, 1]);
+}
