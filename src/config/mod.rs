@@ -9,4 +9,6 @@ mod policy;
 
 pub use policy::AUTH_LINE_LENGTH;
 
-pub use policy::{BareLf, BlockedReply, Mode, Policy, PolicyError, StartTls};
+pub use policy::{
+    BareLf, BlockedReply, Mode, Policy, PolicyError, RatePerIp, RuleAction, Ruled, StartTls,
+};

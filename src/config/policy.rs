@@ -3,7 +3,9 @@ use std::time::Duration;
 
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
+use toml::Spanned;
 
+use crate::proto::rules::{AddressPatterns, Domains};
 use crate::proto::Verb;
 
 /// Which verbs pass when no explicit `allow` list is given.
@@ -107,6 +109,35 @@ pub enum StartTls {
     Strip,
 }
 
+/// What a content or envelope rule does when it matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleAction {
+    /// Refuse the command or message with the rule's reply; the session goes on.
+    Reject,
+    /// `421 4.7.0` and close the connection (ASA's drop-connection).
+    Drop,
+    /// Count and log only.
+    Log,
+}
+
+/// A rule's value and its action.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ruled<T> {
+    pub value: T,
+    pub action: RuleAction,
+}
+
+/// `rate_per_ip`: per client address (IPv6: per /64), per minute; 0 is no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RatePerIp {
+    #[serde(default)]
+    pub connections: u32,
+    #[serde(default)]
+    pub messages: u32,
+}
+
 /// A policy file could not be used. `Display` is one line, ready for stderr.
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
@@ -155,6 +186,28 @@ pub struct Policy {
     pub max_connections: u32,
     /// Sessions open at once from one address (IPv6: one /64); 0 is no limit.
     pub max_connections_per_ip: u32,
+    /// Longest MAIL FROM address; 0 is no limit.
+    pub sender_max_length: Ruled<usize>,
+    pub sender_deny: Ruled<AddressPatterns>,
+    /// When set, only senders matching it pass (the null sender always passes).
+    pub sender_allow: Option<Ruled<AddressPatterns>>,
+    /// When set, RCPT to a domain outside it is refused.
+    pub relay_domains: Option<Ruled<Domains>>,
+    /// Upstream 5xx replies to RCPT tolerated per session; 0 is no limit.
+    pub max_invalid_recipients: u32,
+    pub max_header_size: Ruled<usize>,
+    pub max_header_line_length: Ruled<usize>,
+    pub deny_headers: Ruled<Vec<String>>,
+    pub deny_filename_extensions: Ruled<Vec<String>>,
+    pub max_filename_length: Ruled<usize>,
+    pub deny_encodings: Ruled<Vec<String>>,
+    pub max_body_line_length: Ruled<usize>,
+    pub rate_per_ip: RatePerIp,
+    /// Messages per minute per MAIL FROM address; 0 is no limit.
+    pub rate_per_sender: u32,
+    /// How long the banner is held back to catch clients that talk first; zero is off.
+    pub pregreet_wait: Duration,
+    pub reject_unauth_pipelining: bool,
     /// The verbs that pass: the mode's (or `allow`'s) minus those of removed extensions.
     allowed: Vec<Verb>,
 }
@@ -183,7 +236,8 @@ const KEYWORD_VERBS: &[(&str, Verb)] = &[
 
 impl Default for Policy {
     fn default() -> Self {
-        Policy::from_file(File::default())
+        // Every list is empty in the default file, so nothing can fail to compile.
+        Policy::from_file(File::default(), "", "default").expect("the default policy compiles")
     }
 }
 
@@ -201,18 +255,39 @@ impl Policy {
     pub fn parse(text: &str, origin: &str) -> Result<Policy, PolicyError> {
         let file: File = toml::from_str(text).map_err(|e| {
             let offset = e.span().map(|s| s.start).unwrap_or(0);
-            let (line, column) = line_column(text, offset);
-            PolicyError::Invalid {
-                path: origin.to_string(),
-                line,
-                column,
-                message: e.message().trim().replace('\n', " "),
-            }
+            invalid(text, origin, offset, e.message())
         })?;
-        Ok(Policy::from_file(file))
+        Policy::from_file(file, text, origin)
     }
 
-    fn from_file(file: File) -> Policy {
+    fn from_file(file: File, text: &str, origin: &str) -> Result<Policy, PolicyError> {
+        let patterns = |list: Option<Spanned<Ruled<Vec<String>>>>| -> Result<Option<Ruled<AddressPatterns>>, PolicyError> {
+            list.map(|spanned| {
+                let start = spanned.span().start;
+                let r = spanned.into_inner();
+                AddressPatterns::new(&r.value)
+                    .map(|value| Ruled { value, action: r.action })
+                    .map_err(|e| invalid(text, origin, start, &e.to_string()))
+            })
+            .transpose()
+        };
+        let sender_deny = patterns(file.sender_deny)?;
+        let sender_allow = patterns(file.sender_allow)?;
+        let relay_domains = file
+            .relay_domains
+            .map(|spanned| {
+                let start = spanned.span().start;
+                let r = spanned.into_inner();
+                Domains::new(&r.value)
+                    .map(|value| Ruled {
+                        value,
+                        action: r.action,
+                    })
+                    .map_err(|e| invalid(text, origin, start, &e.to_string()))
+            })
+            .transpose()?;
+        let empty =
+            AddressPatterns::new(&[]).map_err(|e| invalid(text, origin, 0, &e.to_string()))?;
         let allow: Option<Vec<Verb>> = file
             .allow
             .map(|list| list.into_iter().map(|v| v.0).collect());
@@ -240,7 +315,27 @@ impl Policy {
             .collect();
         allowed.sort();
         allowed.dedup();
-        Policy {
+        let lower = |r: Option<Ruled<Vec<String>>>| {
+            let r = r.unwrap_or(Ruled {
+                value: Vec::new(),
+                action: RuleAction::Reject,
+            });
+            Ruled {
+                value: r.value.iter().map(|s| s.to_ascii_lowercase()).collect(),
+                action: r.action,
+            }
+        };
+        let size = |r: Option<Ruled<u32>>, default: usize, action: RuleAction| match r {
+            Some(r) => Ruled {
+                value: r.value as usize,
+                action: r.action,
+            },
+            None => Ruled {
+                value: default,
+                action,
+            },
+        };
+        Ok(Policy {
             mode,
             allow,
             blocked_reply: file.blocked_reply.unwrap_or(BlockedReply::Reject),
@@ -260,8 +355,27 @@ impl Policy {
             min_data_rate: file.min_data_rate.unwrap_or(500),
             max_connections: file.max_connections.unwrap_or(0),
             max_connections_per_ip: file.max_connections_per_ip.unwrap_or(0),
+            sender_max_length: size(file.sender_max_length, 320, RuleAction::Reject),
+            sender_deny: sender_deny.unwrap_or(Ruled {
+                value: empty,
+                action: RuleAction::Reject,
+            }),
+            sender_allow,
+            relay_domains,
+            max_invalid_recipients: file.max_invalid_recipients.unwrap_or(0),
+            max_header_size: size(file.max_header_size, 0, RuleAction::Reject),
+            max_header_line_length: size(file.max_header_line_length, 998, RuleAction::Log),
+            deny_headers: lower(file.deny_headers),
+            deny_filename_extensions: lower(file.deny_filename_extensions),
+            max_filename_length: size(file.max_filename_length, 255, RuleAction::Reject),
+            deny_encodings: lower(file.deny_encodings),
+            max_body_line_length: size(file.max_body_line_length, 998, RuleAction::Log),
+            rate_per_ip: file.rate_per_ip.unwrap_or_default(),
+            rate_per_sender: file.rate_per_sender.unwrap_or(0),
+            pregreet_wait: Duration::from_millis(file.pregreet_wait_ms.unwrap_or(0)),
+            reject_unauth_pipelining: file.reject_unauth_pipelining.unwrap_or(false),
             allowed,
-        }
+        })
     }
 
     /// Whether the verb may be forwarded to the upstream.
@@ -331,6 +445,70 @@ struct File {
     min_data_rate: Option<u64>,
     max_connections: Option<u32>,
     max_connections_per_ip: Option<u32>,
+    sender_max_length: Option<Ruled<u32>>,
+    sender_deny: Option<Spanned<Ruled<Vec<String>>>>,
+    sender_allow: Option<Spanned<Ruled<Vec<String>>>>,
+    relay_domains: Option<Spanned<Ruled<Vec<String>>>>,
+    max_invalid_recipients: Option<u32>,
+    max_header_size: Option<Ruled<u32>>,
+    max_header_line_length: Option<Ruled<u32>>,
+    deny_headers: Option<Ruled<Vec<String>>>,
+    deny_filename_extensions: Option<Ruled<Vec<String>>>,
+    max_filename_length: Option<Ruled<u32>>,
+    deny_encodings: Option<Ruled<Vec<String>>>,
+    max_body_line_length: Option<Ruled<u32>>,
+    rate_per_ip: Option<RatePerIp>,
+    rate_per_sender: Option<u32>,
+    #[serde(default, deserialize_with = "milliseconds")]
+    pregreet_wait_ms: Option<u64>,
+    reject_unauth_pipelining: Option<bool>,
+}
+
+/// A rule is written as its value alone (default action) or as `{ value = …, action = … }`.
+impl<'de, T: serde::de::DeserializeOwned> Deserialize<'de> for Ruled<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = toml::Value::deserialize(d)?;
+        let (value, action) = match raw {
+            toml::Value::Table(mut table) => {
+                let value = table
+                    .remove("value")
+                    .ok_or_else(|| de::Error::custom("a rule table needs `value`"))?;
+                let action = match table.remove("action") {
+                    Some(a) => RuleAction::deserialize(a).map_err(de::Error::custom)?,
+                    None => RuleAction::Reject,
+                };
+                if let Some(key) = table.keys().next() {
+                    return Err(de::Error::custom(format!(
+                        "unknown field `{key}` in a rule, expected `value` or `action`"
+                    )));
+                }
+                (value, action)
+            }
+            other => (other, RuleAction::Reject),
+        };
+        let value = T::deserialize(value).map_err(de::Error::custom)?;
+        Ok(Ruled { value, action })
+    }
+}
+
+fn milliseconds<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let n = u64::deserialize(d)?;
+    if n > 60_000 {
+        return Err(de::Error::custom(format!(
+            "pregreet_wait_ms is 0 to 60000, not {n}"
+        )));
+    }
+    Ok(Some(n))
+}
+
+fn invalid(text: &str, origin: &str, offset: usize, message: &str) -> PolicyError {
+    let (line, column) = line_column(text, offset);
+    PolicyError::Invalid {
+        path: origin.to_string(),
+        line,
+        column,
+        message: message.trim().replace('\n', " "),
+    }
 }
 
 /// A verb named in `allow`.
@@ -455,10 +633,67 @@ mod tests {
     }
 
     #[test]
-    fn errors_name_line_and_column() {
+    fn rules_take_a_value_or_a_table() {
+        let p = Policy::parse(
+            "max_body_line_length = { value = 2000, action = \"reject\" }\nsender_max_length = 100\nsender_deny = { value = [\"@spam.test\"], action = \"drop\" }\nrelay_domains = [\"example.com\"]\nrate_per_ip = { messages = 5 }",
+            "p",
+        )
+        .unwrap();
         assert_eq!(
-            err("mode = \"modern\"\nbogus = 1\n"),
-            "p.toml:2:1: unknown field `bogus`, expected one of `mode`, `allow`, `blocked_reply`, `mask_banner`, `extensions`, `max_recipients`, `max_message_size`, `max_line_length`, `bare_lf`, `starttls`, `check_addresses`, `hard_error_limit`, `greeting_timeout`, `command_timeout`, `data_timeout`, `final_timeout`, `min_data_rate`, `max_connections`, `max_connections_per_ip`"
+            p.max_body_line_length,
+            Ruled {
+                value: 2000,
+                action: RuleAction::Reject
+            }
+        );
+        assert_eq!(
+            p.sender_max_length,
+            Ruled {
+                value: 100,
+                action: RuleAction::Reject
+            }
+        );
+        assert_eq!(p.sender_deny.action, RuleAction::Drop);
+        assert!(p.sender_deny.value.matches(b"x@spam.test"));
+        assert!(p
+            .relay_domains
+            .as_ref()
+            .unwrap()
+            .value
+            .accepts(b"a@example.com"));
+        assert_eq!(
+            p.rate_per_ip,
+            RatePerIp {
+                connections: 0,
+                messages: 5
+            }
+        );
+        let d = Policy::default();
+        assert_eq!(
+            d.max_header_line_length,
+            Ruled {
+                value: 998,
+                action: RuleAction::Log
+            }
+        );
+        assert_eq!(d.max_filename_length.value, 255);
+        let e = err("sender_deny = [\"@ok.test\", \"not a pattern\"]");
+        assert!(
+            e.starts_with("p.toml:1:15: `not a pattern` is not an address pattern"),
+            "{e}"
+        );
+        let e = err("max_header_size = { value = 1, action = \"shout\" }");
+        assert!(e.starts_with("p.toml:1:19: unknown variant `shout`"), "{e}");
+        let e = err("max_header_size = { value = 1, colour = 2 }");
+        assert!(e.contains("unknown field `colour` in a rule"), "{e}");
+    }
+
+    #[test]
+    fn errors_name_line_and_column() {
+        let e = err("mode = \"modern\"\nbogus = 1\n");
+        assert!(
+            e.starts_with("p.toml:2:1: unknown field `bogus`, expected one of `mode`"),
+            "{e}"
         );
         let e = err("mode = \"pix\"");
         assert!(e.starts_with("p.toml:1:8: unknown variant `pix`"), "{e}");

@@ -5,7 +5,9 @@
 
 mod command;
 pub mod data;
+pub mod rate;
 pub mod reply;
+pub mod rules;
 mod session;
 mod verb;
 
