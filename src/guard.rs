@@ -14,6 +14,7 @@ use std::time::Instant;
 use parking_lot::{Mutex, RwLock};
 
 use crate::config::Policy;
+use crate::proto::rate::{RateKey, Rates};
 use crate::proto::{Refusal, Session};
 use crate::relay::{Action, Proxy, ProxyFactory};
 
@@ -75,6 +76,15 @@ pub enum ClientKey {
 }
 
 impl ClientKey {
+    /// The key packed into one integer for the rate table (IPv4 in the low bits, as
+    /// IPv4-mapped IPv6 is; an IPv6 /64 in the high bits).
+    pub fn packed(self) -> u128 {
+        match self {
+            ClientKey::V4(v4) => (0xffff_u128 << 32) | u128::from(v4),
+            ClientKey::V6Net(net) => u128::from(net) << 64,
+        }
+    }
+
     /// The key of a peer address; IPv4-mapped IPv6 counts as IPv4.
     pub fn of(ip: IpAddr) -> ClientKey {
         match ip {
@@ -186,7 +196,12 @@ pub struct SessionFactory {
     connections: Arc<Connections>,
     generation: u64,
     policy: Arc<Policy>,
+    /// This worker's rate table (limits are per host, and per worker within it).
+    rates: Arc<Mutex<Rates>>,
 }
+
+/// Keys one worker's rate table holds at most.
+const RATE_TABLE_KEYS: usize = 100_000;
 
 impl SessionFactory {
     /// A factory reading from `live` and counting into `connections` (shared by all workers).
@@ -198,6 +213,7 @@ impl SessionFactory {
             connections,
             generation,
             policy,
+            rates: Arc::new(Mutex::new(Rates::new(RATE_TABLE_KEYS))),
         }
     }
 }
@@ -212,9 +228,21 @@ impl ProxyFactory for SessionFactory {
             self.generation = generation;
         }
         let policy = Arc::clone(&self.policy);
+        let client = ClientKey::of(peer.ip()).packed();
+        let connection_rate = policy.rate_per_ip.connections;
+        if !self
+            .rates
+            .lock()
+            .admit(RateKey::Connections(client), connection_rate, now)
+        {
+            return GuardSession {
+                inner: Session::refused(policy, now, Refusal::ConnectionRate),
+                _permit: None,
+            };
+        }
         match self.connections.admit(peer.ip(), &policy) {
             Some(permit) => GuardSession {
-                inner: Session::new(policy, now),
+                inner: Session::new(policy, now).with_rates(Arc::clone(&self.rates), client),
                 _permit: Some(permit),
             },
             None => GuardSession {

@@ -20,14 +20,18 @@
 use std::collections::VecDeque;
 use std::mem;
 use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::config::{BareLf, BlockedReply, Policy};
+use crate::config::{BareLf, BlockedReply, Policy, RuleAction};
 use crate::relay::{Action, Chunk, Proxy, Side};
 
 use super::command::{self, AddressFault};
 use super::data::{Bare, DataScanner, Piece};
+use super::rate::{self, RateKey, Rates};
 use super::reply::{self, Reply, ReplyBytes, ReplyParser};
+use super::rules;
 use super::Verb;
 
 /// The replies the guard writes itself.
@@ -55,6 +59,15 @@ mod text {
     pub const UPSTREAM_TIMEOUT_DATA: &[u8] = b"451 4.4.2 Upstream timeout\r\n";
     pub const TOO_MUCH_INPUT: &[u8] = b"421 4.7.0 Too much pipelined input, closing connection\r\n";
     pub const SHUTTING_DOWN: &[u8] = b"421 4.3.2 Service shutting down\r\n";
+    pub const SENDER_TOO_LONG: &[u8] = b"501 5.1.7 Sender address too long\r\n";
+    pub const SENDER_REJECTED: &[u8] = b"550 5.7.1 Sender rejected\r\n";
+    pub const RELAY_DENIED: &[u8] = b"550 5.7.1 Relaying denied\r\n";
+    pub const POLICY_DROP: &[u8] = b"421 4.7.0 Policy violation, closing connection\r\n";
+    pub const TOO_MANY_INVALID_RCPTS: &[u8] =
+        b"421 4.7.0 Too many invalid recipients, closing connection\r\n";
+    pub const MESSAGE_RATE: &[u8] = b"451 4.7.1 Message rate limit exceeded, try again later\r\n";
+    pub const CONNECTION_RATE: &[u8] = b"421 4.7.0 Connection rate limit exceeded\r\n";
+    pub const EARLY_TALKER: &[u8] = b"554 5.5.1 Protocol error\r\n";
     pub const TOO_MANY_CONNECTIONS: &[u8] = b"421 4.7.0 Too many connections\r\n";
 }
 
@@ -63,6 +76,8 @@ mod text {
 pub enum Refusal {
     /// Over `max_connections` or `max_connections_per_ip`.
     TooManyConnections,
+    /// Over `rate_per_ip.connections`.
+    ConnectionRate,
 }
 
 /// What one session decided, for metrics. Plain counters: the owner sums them per worker.
@@ -96,6 +111,15 @@ pub struct Counters {
     pub upstream_failures: u32,
     /// Replies sent to the client, by class: 2xx, 3xx, 4xx, 5xx.
     pub replies: [u32; 4],
+    /// Envelope rules that matched (whatever their action).
+    pub sender_too_long: u32,
+    pub sender_denied: u32,
+    pub relay_denied: u32,
+    pub invalid_recipients_limit: u32,
+    /// MAIL refused by `rate_per_ip.messages` or `rate_per_sender`.
+    pub rate_limited: u32,
+    /// Clients that talked before the banner or pipelined without PIPELINING.
+    pub early_talkers: u32,
 }
 
 impl Counters {
@@ -183,6 +207,7 @@ enum Pending {
 enum Expect {
     Ehlo,
     Mail,
+    Rcpt,
     Data,
     DataEnd,
     Bdat { last: bool },
@@ -272,6 +297,16 @@ pub struct Session {
     data_started: Instant,
     data_bytes: u64,
     counters: Counters,
+    /// The worker's rate table and this client's key in it, when rates are limited.
+    rates: Option<(Arc<Mutex<Rates>>, u128)>,
+    /// The banner has gone to the client (it is held back during `pregreet_wait`).
+    banner_sent: bool,
+    held_banner: Option<Vec<u8>>,
+    accepted_at: Instant,
+    /// The EHLO reply the client saw offered PIPELINING.
+    pipelining_offered: bool,
+    /// Upstream 5xx replies to RCPT in this session.
+    invalid_rcpts: u32,
     now: Instant,
     client_since: Instant,
     upstream_since: Instant,
@@ -306,6 +341,12 @@ impl Session {
             data_started: now,
             data_bytes: 0,
             counters: Counters::default(),
+            rates: None,
+            banner_sent: false,
+            held_banner: None,
+            accepted_at: now,
+            pipelining_offered: false,
+            invalid_rcpts: 0,
             now,
             client_since: now,
             upstream_since: now,
@@ -317,6 +358,12 @@ impl Session {
         let mut s = Session::new(policy, now);
         s.refusal = Some(why);
         s
+    }
+
+    /// Counts this session's messages in the worker's rate table, under `client`'s key.
+    pub fn with_rates(mut self, rates: Arc<Mutex<Rates>>, client: u128) -> Session {
+        self.rates = Some((rates, client));
+        self
     }
 
     /// Whether the session has ended.
@@ -487,6 +534,15 @@ impl Session {
 
     fn on_command(&mut self, line: &Line<'_>, out: &mut Vec<Action>) {
         self.counters.commands += 1;
+        if self.policy.reject_unauth_pipelining
+            && !self.pipelining_offered
+            && !self.pending.is_empty()
+        {
+            // Postfix's reject_unauth_pipelining: a command sent before the last reply came.
+            self.counters.early_talkers += 1;
+            self.fail_close(text::EARLY_TALKER, out);
+            return;
+        }
         let content = line.content();
         let Some((verb, _)) = Verb::of_line(content) else {
             let reply = if content.is_empty() || !is_clean(content) {
@@ -565,6 +621,11 @@ impl Session {
                     self.local(text::TOO_BIG, false, out);
                     return;
                 }
+                if self.sender_refused(rules::path_address(content), out)
+                    || self.over_rate(content, out)
+                {
+                    return;
+                }
                 self.reset_transaction();
                 self.in_transaction = true;
                 self.forward(line.chunk(), Expect::Mail, out);
@@ -575,8 +636,17 @@ impl Session {
                     self.local(text::TOO_MANY_RCPTS, false, out);
                     return;
                 }
+                let policy = Arc::clone(&self.policy);
+                if let Some(relay) = &policy.relay_domains {
+                    if !relay.value.accepts(rules::path_address(content)) {
+                        self.counters.relay_denied += 1;
+                        if self.apply(relay.action, text::RELAY_DENIED, out) {
+                            return;
+                        }
+                    }
+                }
                 self.rcpts += 1;
-                self.forward(line.chunk(), Expect::Other, out);
+                self.forward(line.chunk(), Expect::Rcpt, out);
             }
             Verb::RSET => {
                 self.reset_transaction();
@@ -594,6 +664,78 @@ impl Session {
                 self.forward(line.chunk(), Expect::Quit, out);
             }
             _ => self.forward(line.chunk(), Expect::Other, out),
+        }
+    }
+
+    /// The sender rules: length, allow-list, deny-list. Returns whether MAIL was answered.
+    fn sender_refused(&mut self, sender: &[u8], out: &mut Vec<Action>) -> bool {
+        let policy = Arc::clone(&self.policy);
+        let max = policy.sender_max_length.value;
+        if max > 0 && sender.len() > max {
+            self.counters.sender_too_long += 1;
+            if self.apply(policy.sender_max_length.action, text::SENDER_TOO_LONG, out) {
+                return true;
+            }
+        }
+        // The null sender carries bounces, which an MX must accept whatever the lists say.
+        if sender.is_empty() {
+            return false;
+        }
+        let not_allowed = policy
+            .sender_allow
+            .as_ref()
+            .filter(|allow| !allow.value.matches(sender));
+        if let Some(allow) = not_allowed {
+            self.counters.sender_denied += 1;
+            if self.apply(allow.action, text::SENDER_REJECTED, out) {
+                return true;
+            }
+        }
+        if policy.sender_deny.value.matches(sender) {
+            self.counters.sender_denied += 1;
+            return self.apply(policy.sender_deny.action, text::SENDER_REJECTED, out);
+        }
+        false
+    }
+
+    /// `rate_per_ip.messages` and `rate_per_sender`, counted at MAIL.
+    fn over_rate(&mut self, line: &[u8], out: &mut Vec<Action>) -> bool {
+        let Some((rates, client)) = &self.rates else {
+            return false;
+        };
+        let p = &self.policy;
+        if p.rate_per_ip.messages == 0 && p.rate_per_sender == 0 {
+            return false;
+        }
+        let now = self.now;
+        let admitted = {
+            let mut table = rates.lock();
+            table.admit(RateKey::Messages(*client), p.rate_per_ip.messages, now)
+                && table.admit(
+                    RateKey::Sender(rate::address_key(rules::path_address(line))),
+                    p.rate_per_sender,
+                    now,
+                )
+        };
+        if !admitted {
+            self.counters.rate_limited += 1;
+            self.local(text::MESSAGE_RATE, false, out);
+        }
+        !admitted
+    }
+
+    /// Carries out a rule's action; returns whether the command was answered (not forwarded).
+    fn apply(&mut self, action: RuleAction, reply: &'static [u8], out: &mut Vec<Action>) -> bool {
+        match action {
+            RuleAction::Reject => {
+                self.local(reply, false, out);
+                true
+            }
+            RuleAction::Drop => {
+                self.local(text::POLICY_DROP, true, out);
+                true
+            }
+            RuleAction::Log => false,
         }
     }
 
@@ -764,15 +906,30 @@ impl Session {
             return;
         }
         self.counters.reply(reply.bytes(input));
-        let c = if self.policy.mask_banner {
+        let banner = if self.policy.mask_banner {
             self.counters.banner_masked += 1;
             Chunk::Owned(reply::mask(reply.bytes(input)))
         } else {
             reply_chunk(reply.bytes)
         };
-        send(out, Side::Client, c);
         self.up = Up::Ready;
-        if reply.code == 421 {
+        if self.now < self.pregreet_release() && reply.code != 421 {
+            // postscreen's pregreet test: hold the banner and see whether the client talks.
+            self.held_banner = Some(banner.bytes(input).to_vec());
+            return;
+        }
+        self.send_banner(banner, reply.code == 421, out);
+    }
+
+    /// When a banner held for `pregreet_wait` may go out.
+    fn pregreet_release(&self) -> Instant {
+        self.accepted_at + self.policy.pregreet_wait
+    }
+
+    fn send_banner(&mut self, banner: Chunk, refuse: bool, out: &mut Vec<Action>) {
+        send(out, Side::Client, banner);
+        self.banner_sent = true;
+        if refuse {
             self.close(out);
             return;
         }
@@ -822,11 +979,28 @@ impl Session {
                 let filtered = reply::filter_ehlo(bytes, |k| policy.keeps_keyword(k));
                 let removed = reply::lines(bytes).count() - reply::lines(&filtered).count();
                 self.counters.keywords_removed += removed as u32;
+                self.pipelining_offered = reply::lines(&filtered).skip(1).any(|l| {
+                    reply::keyword(l.get(4..).unwrap_or(&[])).eq_ignore_ascii_case(b"PIPELINING")
+                });
                 send(out, Side::Client, Chunk::Owned(filtered));
             }
             Expect::Mail => {
                 self.in_transaction = reply.class() == 2;
                 send(out, Side::Client, reply_chunk(reply.bytes));
+            }
+            Expect::Rcpt => {
+                let invalid = reply.class() == 5;
+                send(out, Side::Client, reply_chunk(reply.bytes));
+                let max = self.policy.max_invalid_recipients;
+                if invalid {
+                    self.invalid_rcpts += 1;
+                    if max > 0 && self.invalid_rcpts > max {
+                        // The directory-harvest defence: the rest of the pipeline is dropped.
+                        self.counters.invalid_recipients_limit += 1;
+                        self.fail_close(text::TOO_MANY_INVALID_RCPTS, out);
+                        return;
+                    }
+                }
             }
             Expect::DataEnd | Expect::Bdat { last: true } => {
                 self.in_transaction = false;
@@ -1050,11 +1224,16 @@ fn send(out: &mut Vec<Action>, side: Side, c: Chunk) {
 impl Proxy for Session {
     fn start(&mut self, now: Instant, out: &mut Vec<Action>) {
         self.now = now;
+        self.accepted_at = now;
         self.client_since = now;
         self.upstream_since = now;
         match self.refusal {
             Some(Refusal::TooManyConnections) => {
                 self.fail_close(text::TOO_MANY_CONNECTIONS, out);
+            }
+            Some(Refusal::ConnectionRate) => {
+                self.counters.rate_limited += 1;
+                self.fail_close(text::CONNECTION_RATE, out);
             }
             None => out.push(Action::Connect),
         }
@@ -1066,6 +1245,12 @@ impl Proxy for Session {
         }
         self.now = now;
         self.client_since = now;
+        let p = &self.policy;
+        if !self.banner_sent && (!p.pregreet_wait.is_zero() || p.reject_unauth_pipelining) {
+            self.counters.early_talkers += 1;
+            self.fail_close(text::EARLY_TALKER, out);
+            return;
+        }
         let used = if self.held.is_empty() {
             self.feed(data, Src::Input, out)
         } else {
@@ -1163,6 +1348,9 @@ impl Proxy for Session {
             return None;
         }
         let p = &self.policy;
+        if self.held_banner.is_some() {
+            return Some(self.pregreet_release());
+        }
         if let ClientMode::Opaque = self.mode {
             return Some(self.client_since.max(self.upstream_since) + p.command_timeout);
         }
@@ -1202,6 +1390,10 @@ impl Proxy for Session {
         match self.deadline() {
             Some(d) if d <= now => {}
             _ => return,
+        }
+        if let Some(banner) = self.held_banner.take() {
+            self.send_banner(Chunk::Owned(banner), false, out);
+            return;
         }
         self.counters.timeouts += 1;
         let waiting_for_upstream =

@@ -624,3 +624,123 @@ fn counters_follow_decisions() {
     assert_eq!(c.messages_accepted, 1);
     assert_eq!(c.replies, [5, 1, 1, 1]);
 }
+
+#[test]
+fn sender_rules() {
+    let mut p = Pair::greeted(
+        "sender_max_length = 20\nsender_deny = [\"@spam.test\"]\nsender_allow = { value = [\"@ok.test\", \"@spam.test\"], action = \"reject\" }",
+    );
+    p.client(b"MAIL FROM:<averyveryverylongname@ok.test>\r\n");
+    assert_eq!(p.client_text(), "501 5.1.7 Sender address too long\r\n");
+    p.client(b"MAIL FROM:<x@spam.test>\r\nMAIL FROM:<x@other.test>\r\n");
+    assert_eq!(
+        p.client_text(),
+        "550 5.7.1 Sender rejected\r\n550 5.7.1 Sender rejected\r\n"
+    );
+    assert!(p.take_up().is_empty());
+    p.client(b"MAIL FROM:<>\r\nMAIL FROM:<a@ok.test>\r\n");
+    assert_eq!(p.take_up(), b"MAIL FROM:<>\r\nMAIL FROM:<a@ok.test>\r\n");
+    let c = *p.s.counters();
+    assert_eq!((c.sender_too_long, c.sender_denied), (1, 2));
+    // log only: counted, forwarded
+    let mut p = Pair::greeted("sender_deny = { value = [\"@spam.test\"], action = \"log\" }");
+    p.client(b"MAIL FROM:<x@spam.test>\r\n");
+    assert_eq!(p.take_up(), b"MAIL FROM:<x@spam.test>\r\n");
+    assert_eq!(p.s.counters().sender_denied, 1);
+    // drop: 421 and close
+    let mut p = Pair::greeted("sender_deny = { value = [\"@spam.test\"], action = \"drop\" }");
+    p.client(b"MAIL FROM:<x@spam.test>\r\n");
+    assert_eq!(
+        p.client_text(),
+        "421 4.7.0 Policy violation, closing connection\r\n"
+    );
+    assert!(p.closed);
+}
+
+#[test]
+fn relay_domains_and_invalid_recipients() {
+    let mut p = Pair::greeted("relay_domains = [\"example.test\"]\nmax_invalid_recipients = 1");
+    p.client(b"RCPT TO:<a@elsewhere.test>\r\nRCPT TO:<postmaster>\r\nRCPT TO:<b@example.test>\r\nRCPT TO:<c@example.test>\r\nRCPT TO:<d@example.test>\r\n");
+    assert_eq!(
+        p.take_up(),
+        b"RCPT TO:<postmaster>\r\nRCPT TO:<b@example.test>\r\nRCPT TO:<c@example.test>\r\nRCPT TO:<d@example.test>\r\n"
+    );
+    assert_eq!(p.client_text(), "550 5.7.1 Relaying denied\r\n");
+    p.upstream(b"250 ok\r\n550 5.1.1 no such user\r\n");
+    assert!(!p.closed, "one invalid recipient is tolerated");
+    p.upstream(b"550 5.1.1 no such user\r\n");
+    assert_eq!(
+        p.client_text(),
+        "250 ok\r\n550 5.1.1 no such user\r\n550 5.1.1 no such user\r\n421 4.7.0 Too many invalid recipients, closing connection\r\n"
+    );
+    assert!(p.closed);
+}
+
+#[test]
+fn message_rates_per_client_and_sender() {
+    let rates = Arc::new(parking_lot::Mutex::new(Rates::new(100)));
+    let policy = Arc::new(Policy::parse("rate_per_sender = 2", "t").unwrap());
+    let now = Instant::now();
+    let mut p = Pair::greeted("");
+    p.s = Session::new(policy, now).with_rates(Arc::clone(&rates), 7);
+    let mut out = Vec::new();
+    p.s.start(now, &mut out);
+    p.s.on_upstream_connected(now, &mut out);
+    p.apply(&[], out);
+    p.upstream(BANNER);
+    p.take_client();
+    for _ in 0..2 {
+        p.client(b"MAIL FROM:<a@b.test>\r\n");
+        p.upstream(b"250 ok\r\n");
+        p.client(b"RSET\r\n");
+        p.upstream(b"250 ok\r\n");
+    }
+    p.take_client();
+    p.client(b"MAIL FROM:<A@B.test>\r\n");
+    assert_eq!(
+        p.client_text(),
+        "451 4.7.1 Message rate limit exceeded, try again later\r\n"
+    );
+    p.client(b"MAIL FROM:<other@b.test>\r\n");
+    p.upstream(b"250 ok\r\n");
+    assert_eq!(p.client_text(), "250 ok\r\n");
+}
+
+#[test]
+fn pregreet_holds_the_banner_and_catches_early_talkers() {
+    let mut p = Pair::new("pregreet_wait_ms = 3000");
+    p.connected();
+    p.upstream(BANNER);
+    assert!(p.take_client().is_empty(), "banner held");
+    p.advance(Duration::from_secs(3));
+    assert_eq!(p.take_client(), BANNER);
+    p.client(b"EHLO x\r\n");
+    assert_eq!(p.take_up(), b"EHLO x\r\n");
+    let mut p = Pair::new("pregreet_wait_ms = 3000");
+    p.connected();
+    p.upstream(BANNER);
+    p.client(b"EHLO too-early\r\n");
+    assert_eq!(p.client_text(), "554 5.5.1 Protocol error\r\n");
+    assert!(p.closed);
+    assert!(p.take_up().is_empty());
+}
+
+#[test]
+fn unauthorised_pipelining_is_refused() {
+    let mut p = Pair::greeted("reject_unauth_pipelining = true\nextensions = [\"SIZE\"]");
+    p.client(b"EHLO c\r\n");
+    p.upstream(EHLO_REPLY);
+    assert!(!p.client_text().contains("PIPELINING"));
+    p.take_up();
+    p.client(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n");
+    assert_eq!(p.take_up(), b"MAIL FROM:<a@b>\r\n");
+    assert_eq!(p.client_text(), "554 5.5.1 Protocol error\r\n");
+    assert!(p.closed);
+    // With PIPELINING offered, the same bytes are fine.
+    let mut p = Pair::greeted("reject_unauth_pipelining = true");
+    p.client(b"EHLO c\r\n");
+    p.upstream(EHLO_REPLY);
+    p.take_up();
+    p.client(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n");
+    assert_eq!(p.take_up(), b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n");
+}
