@@ -1,1 +1,5 @@
-fn main() {}
+//! `loadgen`: see the library documentation (`src/lib.rs`) and `loadgen --help`.
+
+fn main() {
+    std::process::exit(loadgen::cli::main());
+}
