@@ -2,8 +2,9 @@
 //! factory that gives each accepted connection a [`Session`] holding the policy snapshot
 //! current at accept.
 //!
-//! Owns the policy generation and the per-host connection counts. Must not touch sockets (the
-//! ring's) or SMTP (the engine's).
+//! Owns the policy generation, the per-host connection counts and, per worker, the totals of
+//! what ended sessions decided (published once per second, never shared per event). Must not
+//! touch sockets (the ring's) or SMTP (the engine's).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -17,6 +18,7 @@ use crate::config::Policy;
 use crate::proto::rate::{RateKey, Rates};
 use crate::proto::{Refusal, Session};
 use crate::relay::{Action, Proxy, ProxyFactory};
+use crate::tally::{self, End, EngineTotals, Event, SessionReport, Watch};
 
 /// The policy in force, replaced as a whole on reload. Readers look at the generation (one
 /// atomic load per accept) and take the lock only when it changed.
@@ -24,6 +26,8 @@ use crate::relay::{Action, Proxy, ProxyFactory};
 pub struct LivePolicy {
     generation: AtomicU64,
     current: RwLock<Arc<Policy>>,
+    /// Reloads refused because the new file was invalid (for metrics).
+    refused: AtomicU64,
 }
 
 impl LivePolicy {
@@ -32,6 +36,7 @@ impl LivePolicy {
         Arc::new(LivePolicy {
             generation: AtomicU64::new(1),
             current: RwLock::new(Arc::new(policy)),
+            refused: AtomicU64::new(0),
         })
     }
 
@@ -41,6 +46,16 @@ impl LivePolicy {
         let mut current = self.current.write();
         *current = Arc::new(policy);
         self.generation.fetch_add(1, Ordering::Release) + 1
+    }
+
+    /// Counts a reload that was refused (the policy in force stays).
+    pub fn note_refused(&self) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Reloads refused so far.
+    pub fn reloads_refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
     }
 
     /// The generation now in force.
@@ -142,50 +157,125 @@ impl Drop for Permit {
     }
 }
 
-/// The session the ring drives: the engine's [`Session`] plus what this host counts about it.
+/// The session the ring drives: the engine's [`Session`] plus what this host counts and logs
+/// about it (peer, start, bytes, how it ended).
 #[derive(Debug)]
 pub struct GuardSession {
     inner: Session,
     _permit: Option<Permit>,
+    peer: SocketAddr,
+    started: Instant,
+    generation: u64,
+    client_bytes: u64,
+    upstream_bytes: u64,
+    /// Set by the call that closed the session.
+    end: Option<End>,
+    /// Log each policy decision (debug level was on when the session started).
+    trace_decisions: bool,
+    /// The server asked it to end (a drain).
+    draining: bool,
 }
 
 impl GuardSession {
+    fn new(inner: Session, permit: Option<Permit>, peer: SocketAddr, now: Instant) -> Self {
+        GuardSession {
+            inner,
+            _permit: permit,
+            peer,
+            started: now,
+            generation: 0,
+            client_bytes: 0,
+            upstream_bytes: 0,
+            end: None,
+            draining: false,
+            trace_decisions: tracing::enabled!(
+                target: "mailguard::decision",
+                tracing::Level::DEBUG
+            ),
+        }
+    }
+
     /// The engine session inside.
     pub fn engine(&self) -> &Session {
         &self.inner
+    }
+
+    /// The client's address.
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// How the session ended: `None` while it runs; [`End::Aborted`] is reported by the
+    /// factory for a session the ring ended without its consent.
+    pub fn end(&self) -> Option<End> {
+        self.end
+    }
+
+    /// Runs one engine call and notes how the session ended if this call ended it.
+    fn step(
+        &mut self,
+        event: Event,
+        out: &mut Vec<Action>,
+        call: impl FnOnce(&mut Session, &mut Vec<Action>),
+    ) {
+        if self.end.is_some() {
+            call(&mut self.inner, out);
+            return;
+        }
+        let before = Watch::of(self.inner.counters());
+        let snapshot = self.trace_decisions.then(|| *self.inner.counters());
+        call(&mut self.inner, out);
+        if let Some(snapshot) = snapshot {
+            tally::log_decisions(self.peer, &snapshot, self.inner.counters());
+        }
+        if self.inner.is_closed() {
+            let after = Watch::of(self.inner.counters());
+            self.end = Some(tally::classify(event, before, after, self.draining));
+        }
     }
 }
 
 impl Proxy for GuardSession {
     fn start(&mut self, now: Instant, out: &mut Vec<Action>) {
-        self.inner.start(now, out);
+        self.step(Event::Start, out, |s, out| s.start(now, out));
     }
     fn on_client(&mut self, data: &[u8], now: Instant, out: &mut Vec<Action>) {
-        self.inner.on_client(data, now, out);
+        self.client_bytes += data.len() as u64;
+        self.step(Event::Client, out, |s, out| s.on_client(data, now, out));
     }
     fn on_upstream(&mut self, data: &[u8], now: Instant, out: &mut Vec<Action>) {
-        self.inner.on_upstream(data, now, out);
+        self.upstream_bytes += data.len() as u64;
+        self.step(Event::Upstream, out, |s, out| s.on_upstream(data, now, out));
     }
     fn on_upstream_connected(&mut self, now: Instant, out: &mut Vec<Action>) {
         self.inner.on_upstream_connected(now, out);
     }
     fn on_upstream_failed(&mut self, now: Instant, out: &mut Vec<Action>) {
-        self.inner.on_upstream_failed(now, out);
+        self.step(Event::UpstreamFailed, out, |s, out| {
+            s.on_upstream_failed(now, out)
+        });
     }
     fn on_client_closed(&mut self, now: Instant, out: &mut Vec<Action>) {
-        self.inner.on_client_closed(now, out);
+        self.step(Event::ClientClosed, out, |s, out| {
+            s.on_client_closed(now, out)
+        });
     }
     fn on_upstream_closed(&mut self, now: Instant, out: &mut Vec<Action>) {
-        self.inner.on_upstream_closed(now, out);
+        self.step(Event::UpstreamClosed, out, |s, out| {
+            s.on_upstream_closed(now, out)
+        });
     }
     fn deadline(&self) -> Option<Instant> {
         self.inner.deadline()
     }
     fn on_timeout(&mut self, now: Instant, out: &mut Vec<Action>) {
-        self.inner.on_timeout(now, out);
+        self.step(Event::Timeout, out, |s, out| s.on_timeout(now, out));
     }
     fn on_shutdown(&mut self, force: bool, now: Instant, out: &mut Vec<Action>) {
-        self.inner.on_shutdown(force, now, out);
+        self.draining = true;
+        self.step(Event::Shutdown, out, |s, out| {
+            s.on_shutdown(force, now, out)
+        });
     }
 }
 
@@ -198,6 +288,11 @@ pub struct SessionFactory {
     policy: Arc<Policy>,
     /// This worker's rate table (limits are per host, and per worker within it).
     rates: Arc<Mutex<Rates>>,
+    /// Where sessions are relayed to, for their log line.
+    upstream: Option<SocketAddr>,
+    /// What ended sessions decided, owned by this worker; copied to `published` each tick.
+    totals: EngineTotals,
+    published: Arc<Mutex<EngineTotals>>,
 }
 
 /// Keys one worker's rate table holds at most.
@@ -214,7 +309,39 @@ impl SessionFactory {
             generation,
             policy,
             rates: Arc::new(Mutex::new(Rates::new(RATE_TABLE_KEYS))),
+            upstream: None,
+            totals: EngineTotals::default(),
+            published: Arc::new(Mutex::new(EngineTotals::default())),
         }
+    }
+
+    /// Names the upstream in session log lines.
+    pub fn with_upstream(mut self, upstream: SocketAddr) -> SessionFactory {
+        self.upstream = Some(upstream);
+        self
+    }
+
+    /// Publishes this worker's totals into `published` (about once per second).
+    pub fn with_totals(mut self, published: Arc<Mutex<EngineTotals>>) -> SessionFactory {
+        self.published = published;
+        self
+    }
+
+    /// Where this factory publishes its totals.
+    pub fn totals(&self) -> Arc<Mutex<EngineTotals>> {
+        Arc::clone(&self.published)
+    }
+
+    fn session(
+        &self,
+        inner: Session,
+        permit: Option<Permit>,
+        peer: SocketAddr,
+        now: Instant,
+    ) -> GuardSession {
+        let mut session = GuardSession::new(inner, permit, peer, now);
+        session.generation = self.generation;
+        session
     }
 }
 
@@ -235,21 +362,39 @@ impl ProxyFactory for SessionFactory {
             .lock()
             .admit(RateKey::Connections(client), connection_rate, now)
         {
-            return GuardSession {
-                inner: Session::refused(policy, now, Refusal::ConnectionRate),
-                _permit: None,
-            };
+            let refused = Session::refused(policy, now, Refusal::ConnectionRate);
+            return self.session(refused, None, peer, now);
         }
         match self.connections.admit(peer.ip(), &policy) {
-            Some(permit) => GuardSession {
-                inner: Session::new(policy, now).with_rates(Arc::clone(&self.rates), client),
-                _permit: Some(permit),
-            },
-            None => GuardSession {
-                inner: Session::refused(policy, now, Refusal::TooManyConnections),
-                _permit: None,
-            },
+            Some(permit) => {
+                let inner = Session::new(policy, now).with_rates(Arc::clone(&self.rates), client);
+                self.session(inner, Some(permit), peer, now)
+            }
+            None => {
+                let refused = Session::refused(policy, now, Refusal::TooManyConnections);
+                self.session(refused, None, peer, now)
+            }
         }
+    }
+
+    fn session_ended(&mut self, session: &GuardSession, now: Instant) {
+        let end = session.end.unwrap_or(End::Aborted);
+        let counters = session.inner.counters();
+        self.totals.count(counters, end);
+        tally::log_session_end(&SessionReport {
+            client: session.peer,
+            upstream: self.upstream,
+            duration: now.saturating_duration_since(session.started),
+            generation: session.generation,
+            counters,
+            end,
+            client_bytes: session.client_bytes,
+            upstream_bytes: session.upstream_bytes,
+        });
+    }
+
+    fn publish(&mut self) {
+        *self.published.lock() = self.totals;
     }
 }
 

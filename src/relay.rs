@@ -107,4 +107,13 @@ pub trait ProxyFactory {
     type Session: Proxy;
     /// A client connected from `peer`.
     fn new_session(&mut self, peer: SocketAddr, now: Instant) -> Self::Session;
+    /// The ring is done with `session`: its sockets are closed and its slot is being freed.
+    /// Called on the worker thread, once per session (sessions still open when a worker gives
+    /// up on them at exit are not reported). For per-worker totals and the session's log line.
+    fn session_ended(&mut self, session: &Self::Session, now: Instant) {
+        let _ = (session, now);
+    }
+    /// Called on the worker thread about once per second and once more before it returns:
+    /// the moment to copy per-worker totals where other threads can read them.
+    fn publish(&mut self) {}
 }

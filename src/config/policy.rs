@@ -416,6 +416,19 @@ impl Policy {
     }
 }
 
+/// A policy read as a table of a larger TOML document (the `[policy]` table of a config
+/// file): same keys, defaults and validation as a policy file.
+#[derive(Debug, Deserialize)]
+#[serde(transparent)]
+pub(crate) struct PolicyTable(File);
+
+impl PolicyTable {
+    /// Validates the table; `text` is the whole document it was read from (spans point there).
+    pub(crate) fn compile(self, text: &str, origin: &str) -> Result<Policy, PolicyError> {
+        Policy::from_file(self.0, text, origin)
+    }
+}
+
 /// The file as written: every key optional, unknown keys refused.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -573,7 +586,7 @@ fn seconds<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
 }
 
 /// 1-based line and column (in characters) of a byte offset.
-fn line_column(text: &str, offset: usize) -> (usize, usize) {
+pub(crate) fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let mut offset = offset.min(text.len());
     while !text.is_char_boundary(offset) {
         offset -= 1;

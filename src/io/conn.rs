@@ -308,6 +308,8 @@ pub(crate) struct Conn<S> {
     closing: Option<Instant>,
     /// An `Action::Connect` could not even create a socket; reported after the current call.
     connect_failed: bool,
+    /// When the current upstream connect was submitted (for the latency histogram).
+    connect_started: Instant,
 }
 
 impl<S: Proxy> Conn<S> {
@@ -320,7 +322,13 @@ impl<S: Proxy> Conn<S> {
             next_epoch: 0,
             closing: None,
             connect_failed: false,
+            connect_started: Instant::now(),
         }
+    }
+
+    /// The session this connection drives.
+    pub(crate) fn session(&self) -> &S {
+        &self.session
     }
 
     /// Runs `Proxy::start` and arms the client receive.
@@ -375,7 +383,10 @@ impl<S: Proxy> Conn<S> {
         sock.send_busy = false;
         if let Found::Live(side) = found {
             match usize::try_from(res) {
-                Ok(sent) if sent > 0 => sock.out.advance(sent),
+                Ok(sent) if sent > 0 => {
+                    sock.out.advance(sent);
+                    cx.stats.sent(side, sent);
+                }
                 // 0 bytes for a non-empty send would loop forever; treat it like EPIPE.
                 _ => self.fail(side, id, cx),
             }
@@ -392,6 +403,9 @@ impl<S: Proxy> Conn<S> {
         if let Found::Live(_) = found {
             if res == 0 {
                 sock.state = State::Open;
+                cx.stats.upstream_connects += 1;
+                let took = cx.now.saturating_duration_since(self.connect_started);
+                cx.stats.connect_latency.record(took);
                 self.drive(id, cx, &[], |s, now, out| s.on_upstream_connected(now, out));
             } else {
                 cx.stats.upstream_connect_failures += 1;
@@ -437,6 +451,13 @@ impl<S: Proxy> Conn<S> {
         }
     }
 
+    /// Tells the session the server is shutting down (see [`Proxy::on_shutdown`]); a session
+    /// already closing is left to finish its flush.
+    pub(crate) fn shutdown(&mut self, id: SlotId, cx: &mut Cx, force: bool) {
+        self.drive(id, cx, &[], |s, now, out| s.on_shutdown(force, now, out));
+        self.settle(id, cx);
+    }
+
     /// Ends the session now, without flushing (worker shutdown).
     pub(crate) fn abort(&mut self, id: SlotId, cx: &mut Cx) {
         self.closing.get_or_insert(cx.now);
@@ -448,6 +469,7 @@ impl<S: Proxy> Conn<S> {
     fn received(&mut self, side: Side, received: Received<'_>, id: SlotId, cx: &mut Cx) {
         match received {
             Received::Data(data) if !data.is_empty() => {
+                cx.stats.received(side, data.len());
                 self.drive(id, cx, data, |s, now, out| match side {
                     Side::Client => s.on_client(data, now, out),
                     Side::Upstream => s.on_upstream(data, now, out),
@@ -558,6 +580,7 @@ impl<S: Proxy> Conn<S> {
         self.next_epoch = self.next_epoch % EPOCH_MASK + 1;
         let mut sock = Sock::new(socket, Side::Upstream, self.next_epoch, State::Connecting);
         sock.connect(id, cx);
+        self.connect_started = cx.now;
         self.upstream = Some(sock);
     }
 

@@ -9,8 +9,9 @@
 //! the listener fd, a stop flag, one eventfd each (to wake them) and their published stats.
 //!
 //! Startup order for `main`: [`probe`] (one-line diagnostic if io_uring is blocked), [`bind`]
-//! (clean "address already in use"), then [`serve`]; later [`Server::stop`] and
-//! [`Server::join`].
+//! (clean "address already in use"), then [`serve`]; later [`Server::drain`] (graceful: stop
+//! accepting, let sessions finish, then force them) or [`Server::stop`] (at once), and
+//! [`Server::join`]. A [`ServerHandle`] does the same from another thread.
 //!
 //! `unsafe` in the crate lives only in this module tree; each block states why it holds.
 
@@ -18,23 +19,26 @@ mod bufring;
 mod conn;
 mod error;
 mod ring;
+mod stats;
 mod userdata;
 mod worker;
 
 #[cfg(test)]
 mod tests;
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
 pub use error::IoError;
 pub use ring::probe;
+pub use stats::{ConnectLatency, StatsHandle, WorkerStats, CONNECT_BUCKETS_MICROS};
 
 use crate::relay::ProxyFactory;
 
@@ -92,65 +96,6 @@ impl RingConfig {
     }
 }
 
-/// Per-worker counters. Each worker keeps its own copy as plain integers and publishes it
-/// about once per second; read them with [`Server::stats`] or a [`StatsHandle`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct WorkerStats {
-    /// Sessions whose slot is still held.
-    pub sessions_open: u64,
-    /// Sessions accepted since start.
-    pub sessions_total: u64,
-    /// Submission queue entries consumed by the kernel.
-    pub submissions: u64,
-    /// Completion queue entries handled.
-    pub completions: u64,
-    /// Completions the kernel could not post (as reported by the ring).
-    pub cq_overflow: u64,
-    /// Receive buffers currently available to the kernel.
-    pub buffers_free: u64,
-    /// Upstream connects that failed.
-    pub upstream_connect_failures: u64,
-    /// Times a socket stopped being read because its peer's queue was over the high-water mark.
-    pub recv_throttled: u64,
-    /// Multishot receives ended by an empty buffer ring (re-armed after buffers came back).
-    pub recv_enobufs: u64,
-}
-
-impl WorkerStats {
-    /// Adds `other` into `self` (for whole-process totals).
-    pub fn add(&mut self, other: &WorkerStats) {
-        self.sessions_open += other.sessions_open;
-        self.sessions_total += other.sessions_total;
-        self.submissions += other.submissions;
-        self.completions += other.completions;
-        self.cq_overflow += other.cq_overflow;
-        self.buffers_free += other.buffers_free;
-        self.upstream_connect_failures += other.upstream_connect_failures;
-        self.recv_throttled += other.recv_throttled;
-        self.recv_enobufs += other.recv_enobufs;
-    }
-}
-
-/// A cloneable, `Send` view of every worker's published stats (for a metrics endpoint).
-#[derive(Debug, Clone)]
-pub struct StatsHandle(Vec<Arc<Mutex<WorkerStats>>>);
-
-impl StatsHandle {
-    /// The last published stats of each worker, by worker index.
-    pub fn snapshot(&self) -> Vec<WorkerStats> {
-        self.0.iter().map(|s| *s.lock()).collect()
-    }
-
-    /// Sum over all workers.
-    pub fn total(&self) -> WorkerStats {
-        let mut total = WorkerStats::default();
-        for worker in self.snapshot() {
-            total.add(&worker);
-        }
-        total
-    }
-}
-
 /// Creates the one listening socket all workers accept on. `SO_REUSEADDR` but not
 /// `SO_REUSEPORT`, so a port already in use fails here, cleanly, with `EADDRINUSE`.
 pub fn bind(addr: SocketAddr) -> Result<TcpListener, IoError> {
@@ -163,15 +108,125 @@ pub fn bind(addr: SocketAddr) -> Result<TcpListener, IoError> {
     Ok(socket.into())
 }
 
+/// Raises this process's soft limit on open files to its hard limit, and returns the new soft
+/// limit. Every session holds two sockets, so the usual soft limit of 1024 caps a proxy at
+/// about 500 sessions while the hard limit (systemd's `LimitNOFILE`) allows far more.
+pub fn raise_nofile_limit() -> std::io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one `rlimit` into the live local it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: setrlimit reads one `rlimit` from the live local it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(limit.rlim_cur)
+}
+
+/// `CLOCK_MONOTONIC` in microseconds, the clock `sd_notify`'s `MONOTONIC_USEC=` speaks
+/// (`Instant` uses it too, but does not expose its value).
+pub fn monotonic_micros() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one `timespec` into the live local it is given; with a
+    // valid clock id it cannot fail.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
+    let nanos = u64::try_from(ts.tv_nsec).unwrap_or(0);
+    secs.saturating_mul(1_000_000).saturating_add(nanos / 1_000)
+}
+
+/// What the control side tells the workers: stop now, or drain by a deadline. Workers read the
+/// two flags once per loop turn (plain loads of a line nobody writes), the deadline once.
+#[derive(Debug, Default)]
+pub(crate) struct Command {
+    stop: AtomicBool,
+    draining: AtomicBool,
+    drain_deadline: Mutex<Option<Instant>>,
+}
+
+impl Command {
+    pub(crate) fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// The drain deadline, once a drain was asked for.
+    pub(crate) fn drain_deadline(&self) -> Option<Instant> {
+        if !self.draining.load(Ordering::Acquire) {
+            return None;
+        }
+        *self.drain_deadline.lock()
+    }
+}
+
 struct WorkerHandle {
     thread: Option<JoinHandle<Result<(), IoError>>>,
-    wake: Arc<OwnedFd>,
+}
+
+/// Stops or drains the workers from any thread (a signal-handling control thread).
+#[derive(Clone)]
+pub struct ServerHandle {
+    command: Arc<Command>,
+    wakes: Vec<Arc<OwnedFd>>,
+    listener: Arc<TcpListener>,
+}
+
+impl ServerHandle {
+    /// Stops accepting, ends every session (closing its sockets, without flushing) and makes
+    /// the workers return. Callable any number of times, also during a drain; does not wait.
+    pub fn stop(&self) {
+        self.command.stop.store(true, Ordering::Release);
+        self.wake_all();
+    }
+
+    /// Graceful shutdown; does not wait. The listener is shut down at once, so new
+    /// connections are refused; every session is asked to end at its next quiet point
+    /// ([`crate::relay::Proxy::on_shutdown`] without `force`, repeated once per second), and
+    /// those still open after `timeout` are told to end now (with `force`). Each worker
+    /// returns once its last session is gone and its sends are flushed. A second call keeps
+    /// the first deadline. Returns false if a drain was already under way.
+    pub fn drain(&self, timeout: Duration) -> bool {
+        {
+            let mut deadline = self.command.drain_deadline.lock();
+            if deadline.is_some() {
+                return false;
+            }
+            *deadline = Some(Instant::now() + timeout);
+        }
+        self.command.draining.store(true, Ordering::Release);
+        // On Linux, shutting down a listening socket stops it listening: connects are refused
+        // from here on and the multishot accepts end. The fd itself stays open (the workers
+        // share it) until the server is dropped.
+        let _ = SockRef::from(&*self.listener).shutdown(Shutdown::Read);
+        self.wake_all();
+        true
+    }
+
+    /// Whether [`ServerHandle::drain`] was called.
+    pub fn draining(&self) -> bool {
+        self.command.draining.load(Ordering::Acquire)
+    }
+
+    fn wake_all(&self) {
+        for fd in &self.wakes {
+            wake(fd);
+        }
+    }
 }
 
 /// The running workers. Dropping it stops and joins them.
 pub struct Server {
     workers: Vec<WorkerHandle>,
-    stop: Arc<AtomicBool>,
+    handle: ServerHandle,
     stats: StatsHandle,
 }
 
@@ -197,11 +252,15 @@ where
             source,
         })?;
     let listener = Arc::new(listener);
-    let stop = Arc::new(AtomicBool::new(false));
+    let command = Arc::new(Command::default());
     let (ready_tx, ready_rx) = mpsc::channel();
     let mut server = Server {
         workers: Vec::with_capacity(cfg.threads),
-        stop: Arc::clone(&stop),
+        handle: ServerHandle {
+            command: Arc::clone(&command),
+            wakes: Vec::with_capacity(cfg.threads),
+            listener: Arc::clone(&listener),
+        },
         stats: StatsHandle(Vec::with_capacity(cfg.threads)),
     };
     for index in 0..cfg.threads {
@@ -216,7 +275,7 @@ where
             cfg: cfg.clone(),
             listener: Arc::clone(&listener),
             wake: Arc::clone(&wake),
-            stop: Arc::clone(&stop),
+            command: Arc::clone(&command),
             stats: Arc::clone(&stats),
         };
         let factory = make_factory(index);
@@ -230,8 +289,8 @@ where
             })?;
         server.workers.push(WorkerHandle {
             thread: Some(thread),
-            wake,
         });
+        server.handle.wakes.push(wake);
         server.stats.0.push(stats);
     }
     drop(ready_tx);
@@ -252,13 +311,19 @@ where
 }
 
 impl Server {
-    /// Stops accepting, ends every session (closing its sockets, without flushing) and makes
-    /// the workers return. Callable from any thread, any number of times; does not wait.
+    /// See [`ServerHandle::stop`].
     pub fn stop(&self) {
-        self.stop.store(true, Ordering::Release);
-        for worker in &self.workers {
-            wake(&worker.wake);
-        }
+        self.handle.stop();
+    }
+
+    /// See [`ServerHandle::drain`].
+    pub fn drain(&self, timeout: Duration) -> bool {
+        self.handle.drain(timeout)
+    }
+
+    /// A handle to stop or drain the workers from another thread while this one joins them.
+    pub fn handle(&self) -> ServerHandle {
+        self.handle.clone()
     }
 
     /// Waits for every worker to return; the first error (or panic) wins.

@@ -19,10 +19,12 @@ const WAIT_LIMIT: Duration = Duration::from_secs(20);
 
 /// Forwards bytes both ways; closes when either side closes. With `reconnect_on` set, that
 /// byte from the client makes it drop the upstream and connect a fresh one (to exercise epochs).
+/// A `B` from the client makes it busy (it ignores a gentle shutdown), a `Q` quiet again.
 struct Pass {
     failed: Arc<AtomicUsize>,
     deadline: Option<Instant>,
     reconnect_on: Option<u8>,
+    busy: bool,
 }
 
 impl Proxy for Pass {
@@ -31,6 +33,11 @@ impl Proxy for Pass {
     }
 
     fn on_client(&mut self, data: &[u8], _now: Instant, out: &mut Vec<Action>) {
+        match data.iter().rev().find(|&&b| b == b'B' || b == b'Q') {
+            Some(b'B') => self.busy = true,
+            Some(_) => self.busy = false,
+            None => {}
+        }
         if self.reconnect_on.is_some_and(|b| data.contains(&b)) {
             out.push(Action::CloseUpstream);
             out.push(Action::Connect);
@@ -73,8 +80,12 @@ impl Proxy for Pass {
         out.push(Action::Close);
     }
 
-    fn on_shutdown(&mut self, _force: bool, _now: Instant, out: &mut Vec<Action>) {
-        out.push(Action::Close);
+    fn on_shutdown(&mut self, force: bool, _now: Instant, out: &mut Vec<Action>) {
+        if force || !self.busy {
+            let word: &'static [u8] = if force { b"forced\r\n" } else { b"bye\r\n" };
+            out.push(Action::Send(Side::Client, Chunk::Static(word)));
+            out.push(Action::Close);
+        }
     }
 }
 
@@ -87,6 +98,8 @@ struct Options {
 struct PassFactory {
     failed: Arc<AtomicUsize>,
     options: Options,
+    ended: Arc<AtomicUsize>,
+    ended_here: usize,
 }
 
 impl ProxyFactory for PassFactory {
@@ -98,7 +111,17 @@ impl ProxyFactory for PassFactory {
             failed: Arc::clone(&self.failed),
             deadline: self.options.idle_limit.map(|d| now + d),
             reconnect_on: self.options.reconnect_on,
+            busy: false,
         }
+    }
+
+    fn session_ended(&mut self, _session: &Pass, _now: Instant) {
+        self.ended_here += 1;
+    }
+
+    fn publish(&mut self) {
+        self.ended.fetch_add(self.ended_here, Ordering::SeqCst);
+        self.ended_here = 0;
     }
 }
 
@@ -106,6 +129,8 @@ struct Proxied {
     server: Option<Server>,
     addr: SocketAddr,
     failed: Arc<AtomicUsize>,
+    /// Sessions the factories reported ended (as of their last publication).
+    ended: Arc<AtomicUsize>,
 }
 
 impl Proxied {
@@ -125,16 +150,20 @@ impl Proxied {
         cfg.buf_count = 128;
         tune(&mut cfg);
         let failed = Arc::new(AtomicUsize::new(0));
-        let shared = Arc::clone(&failed);
+        let ended = Arc::new(AtomicUsize::new(0));
+        let (shared, ended_shared) = (Arc::clone(&failed), Arc::clone(&ended));
         let server = serve(listener, cfg, move |_| PassFactory {
             failed: Arc::clone(&shared),
             options: options.clone(),
+            ended: Arc::clone(&ended_shared),
+            ended_here: 0,
         })
         .expect("serve");
         Proxied {
             server: Some(server),
             addr,
             failed,
+            ended,
         }
     }
 
@@ -163,6 +192,16 @@ impl Proxied {
             }
             thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    fn drain(&self, timeout: Duration) {
+        assert!(self.server.as_ref().expect("running").drain(timeout));
+    }
+
+    /// Waits for the workers to return by themselves (after a drain).
+    fn join(mut self) {
+        let server = self.server.take().expect("running");
+        server.join().expect("workers end cleanly");
     }
 
     fn shutdown(mut self) {
@@ -477,4 +516,80 @@ impl SmallRecvBuffer for TcpStream {
             .set_recv_buffer_size(size)
             .expect("SO_RCVBUF");
     }
+}
+
+/// Sends `b` and reads it back through the echo upstream.
+fn echo_round(stream: &mut TcpStream, b: &[u8]) {
+    stream.write_all(b).expect("write");
+    let mut got = vec![0; b.len()];
+    stream.read_exact(&mut got).expect("echo");
+    assert_eq!(got, b);
+}
+
+fn read_until_eof(stream: &mut TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    match stream.read_to_end(&mut got) {
+        Ok(_) => got,
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => got,
+        Err(e) => panic!("waiting for EOF after {got:?}: {e}"),
+    }
+}
+
+#[test]
+fn drain_refuses_new_connections_and_waits_for_busy_sessions() {
+    let (up, up_thread) = upstream(2, echo);
+    let proxy = Proxied::start(up, |_| {});
+    let mut idle = proxy.connect();
+    let mut busy = proxy.connect();
+    echo_round(&mut idle, b"x");
+    echo_round(&mut busy, b"B");
+    proxy.drain(Duration::from_secs(60));
+    assert_eq!(read_until_eof(&mut idle), b"bye\r\n");
+    let refused = TcpStream::connect(proxy.addr)
+        .map(|_| ())
+        .map_err(|e| e.kind());
+    assert_eq!(refused, Err(ErrorKind::ConnectionRefused));
+    // The busy session still works, and once quiet it is ended by the next tick's request.
+    echo_round(&mut busy, b"more");
+    echo_round(&mut busy, b"Q");
+    assert_eq!(read_until_eof(&mut busy), b"bye\r\n");
+    let ended = Arc::clone(&proxy.ended);
+    proxy.join();
+    assert_eq!(
+        ended.load(Ordering::SeqCst),
+        2,
+        "every session reported ended"
+    );
+    up_thread.join().expect("upstream");
+}
+
+#[test]
+fn drain_forces_sessions_still_busy_at_the_deadline() {
+    let (up, up_thread) = upstream(1, echo);
+    let proxy = Proxied::start(up, |_| {});
+    let mut busy = proxy.connect();
+    echo_round(&mut busy, b"B");
+    proxy.drain(Duration::from_millis(200));
+    assert_eq!(read_until_eof(&mut busy), b"forced\r\n");
+    proxy.join();
+    up_thread.join().expect("upstream");
+}
+
+#[test]
+fn stats_count_bytes_and_connect_latency() {
+    let (up, up_thread) = upstream(1, echo);
+    let proxy = Proxied::start(up, |_| {});
+    let mut client = proxy.connect();
+    echo_round(&mut client, b"hello");
+    let stats = proxy.wait_stats(|s| s.upstream_bytes_sent >= 5 && s.client_bytes_sent >= 5);
+    assert_eq!(stats.client_bytes_received, 5);
+    assert_eq!(stats.upstream_bytes_sent, 5);
+    assert_eq!(stats.upstream_bytes_received, 5);
+    assert_eq!(stats.client_bytes_sent, 5);
+    assert_eq!(stats.upstream_connects, 1);
+    assert_eq!(stats.connect_latency.count(), 1);
+    assert!(stats.buffers_total > 0 && stats.buffers_free <= stats.buffers_total);
+    drop(client);
+    proxy.shutdown();
+    up_thread.join().expect("upstream");
 }

@@ -3,16 +3,24 @@
 //! Owns everything the kernel may touch on behalf of this thread (the ring, the buffer ring, the
 //! eventfd read buffer, the sessions' send queues through the slab), and decides when each may
 //! be freed. It shares only read-mostly things with other threads: the listener fd, the eventfd,
-//! the stop flag and the stats mutex it publishes to once per second. It knows nothing of SMTP.
+//! the stop/drain command and the stats mutex it publishes to once per second (when it also
+//! lets its factory publish). It knows nothing of SMTP.
 //!
 //! Loop (TigerBeetle style): move queued entries into the SQ, one `io_uring_enter` that submits
 //! and waits (with a timeout), copy every completion out of the CQ, handle them (session calls
-//! append new entries to a local backlog), then timers and housekeeping.
+//! append new entries to a local backlog), then timers and housekeeping. Signals are blocked on
+//! this thread, so a batch is never interrupted: the control thread takes them.
+//!
+//! Shutdown comes in two strengths. *Stop*: cancel the accept, abort every session, return once
+//! the kernel let go of our memory. *Drain*: no new sessions (the listener was shut down by the
+//! caller; accepts that still complete are closed at once), every session asked to end at its
+//! next quiet point, asked again every tick (a session may only become quiet later, e.g. once
+//! its upstream greeted), told to end now at the deadline; once the slab is empty (every
+//! closing session flushed what it owed its client) the worker stops as above.
 
 use std::collections::VecDeque;
 use std::net::TcpListener;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -23,11 +31,11 @@ use slab::Slab;
 use socket2::{SockAddr, Socket};
 
 use super::bufring::BufRing;
-use super::conn::{Conn, Cx, Received};
+use super::conn::{Conn, Cx, Received, FLUSH_LIMIT};
 use super::error::IoError;
 use super::ring;
 use super::userdata::{self, Decoded, Op, SlotId, Token, MAX_SLOT};
-use super::{RingConfig, WorkerStats};
+use super::{Command, RingConfig, WorkerStats};
 use crate::relay::{ProxyFactory, Side};
 
 /// Longest wait in the kernel; also the period of the deadline sweep and stats publication.
@@ -45,7 +53,7 @@ pub(crate) struct Shared {
     pub cfg: RingConfig,
     pub listener: Arc<TcpListener>,
     pub wake: Arc<OwnedFd>,
-    pub stop: Arc<AtomicBool>,
+    pub command: Arc<Command>,
     pub stats: Arc<Mutex<WorkerStats>>,
 }
 
@@ -56,6 +64,7 @@ pub(crate) fn run<F: ProxyFactory>(
     ready: mpsc::Sender<(usize, Result<(), IoError>)>,
 ) -> Result<(), IoError> {
     let index = shared.index;
+    block_signals();
     match Worker::new(shared, factory) {
         Ok(worker) => {
             let _ = ready.send((index, Ok(())));
@@ -91,6 +100,8 @@ struct Worker<F: ProxyFactory> {
     wake_armed: bool,
     /// Set when stopping: the time by which the kernel must have let go of our memory.
     stop_deadline: Option<Instant>,
+    /// Set when draining.
+    drain: Option<Drain>,
     next_tick: Instant,
 }
 
@@ -141,6 +152,7 @@ impl<F: ProxyFactory> Worker<F> {
             accept_retry_at: None,
             wake_armed: false,
             stop_deadline: None,
+            drain: None,
             next_tick: now + TICK,
         })
     }
@@ -150,6 +162,7 @@ impl<F: ProxyFactory> Worker<F> {
         self.arm_accept();
         let result = self.run_loop();
         self.publish();
+        self.factory.publish();
         let drained = self.drained();
         let Worker {
             ring,
@@ -228,6 +241,9 @@ impl<F: ProxyFactory> Worker<F> {
         let mut until = self.next_tick;
         if let Some(retry) = self.accept_retry_at {
             until = until.min(retry);
+        }
+        if let Some(drain) = self.drain.filter(|d| !d.forced) {
+            until = until.min(drain.deadline);
         }
         until.saturating_duration_since(now).min(TICK)
     }
@@ -347,7 +363,9 @@ impl<F: ProxyFactory> Worker<F> {
         }
         // SAFETY: a non-negative accept result is a new fd that nothing else owns.
         let socket = unsafe { Socket::from_raw_fd(res) };
-        if self.stop_deadline.is_none() {
+        // While draining or stopping, a connection the kernel still handed us is closed
+        // unanswered, like those the shut-down listener refuses.
+        if self.accepting() {
             self.open_session(socket);
         }
     }
@@ -380,8 +398,14 @@ impl<F: ProxyFactory> Worker<F> {
         }
     }
 
+    /// Whether new connections become sessions.
+    fn accepting(&self) -> bool {
+        self.stop_deadline.is_none() && self.drain.is_none()
+    }
+
     fn release(&mut self, key: usize) {
-        self.conns.remove(key);
+        let conn = self.conns.remove(key);
+        self.factory.session_ended(conn.session(), self.cx.now);
         if let Some(gen) = self.gens.get_mut(key) {
             *gen = gen.wrapping_add(1);
         }
@@ -390,7 +414,7 @@ impl<F: ProxyFactory> Worker<F> {
 
     fn on_wake(&mut self) {
         self.wake_armed = false;
-        if self.stop_deadline.is_none() && !self.shared.stop.load(Ordering::Acquire) {
+        if self.stop_deadline.is_none() && !self.shared.command.stopping() {
             self.arm_wake();
         }
     }
@@ -416,20 +440,62 @@ impl<F: ProxyFactory> Worker<F> {
     }
 
     fn housekeeping(&mut self) {
-        if self.stop_deadline.is_none() && self.shared.stop.load(Ordering::Acquire) {
+        if self.stop_deadline.is_none() && self.shared.command.stopping() {
             self.begin_stop();
         }
+        if self.accepting() {
+            if let Some(deadline) = self.shared.command.drain_deadline() {
+                self.begin_drain(deadline);
+            }
+        }
         let now = self.cx.now;
-        if self.stop_deadline.is_none()
-            && !self.accept_armed
-            && self.accept_retry_at.is_none_or(|t| now >= t)
-        {
+        if self.accepting() && !self.accept_armed && self.accept_retry_at.is_none_or(|t| now >= t) {
             self.arm_accept();
         }
-        if now >= self.next_tick {
+        let tick = now >= self.next_tick;
+        if tick {
             self.next_tick = now + TICK;
             self.sweep();
+        }
+        if self.drain.is_some() && self.stop_deadline.is_none() {
+            self.drive_drain(tick);
+        }
+        if tick {
             self.publish();
+            self.factory.publish();
+        }
+    }
+
+    fn begin_drain(&mut self, deadline: Instant) {
+        self.drain = Some(Drain {
+            deadline,
+            forced: false,
+        });
+        if self.accept_armed {
+            self.cancel_control(userdata::ACCEPT);
+        }
+        self.for_each_conn(|conn, id, cx| conn.shutdown(id, cx, false));
+    }
+
+    /// Asks quiet sessions to end (again, once per tick), forces the rest at the deadline, and
+    /// stops the worker once no session is left (or the forced ones overstay their flush).
+    fn drive_drain(&mut self, tick: bool) {
+        let Some(drain) = self.drain else {
+            return;
+        };
+        let now = self.cx.now;
+        if !drain.forced && now >= drain.deadline {
+            self.drain = Some(Drain {
+                forced: true,
+                ..drain
+            });
+            self.for_each_conn(|conn, id, cx| conn.shutdown(id, cx, true));
+        } else if tick && !drain.forced {
+            self.for_each_conn(|conn, id, cx| conn.shutdown(id, cx, false));
+        }
+        let overstayed = now >= drain.deadline + FLUSH_LIMIT + TICK;
+        if self.conns.is_empty() || overstayed {
+            self.begin_stop();
         }
     }
 
@@ -479,6 +545,38 @@ impl<F: ProxyFactory> Worker<F> {
         let mut stats = self.cx.stats;
         let fd = self.ring.as_raw_fd();
         stats.buffers_free = u64::from(self.bufs.available(fd).unwrap_or(self.bufs.count()));
+        stats.buffers_total = u64::from(self.bufs.count());
         *self.shared.stats.lock() = stats;
+    }
+}
+
+/// A drain under way on this worker.
+#[derive(Debug, Clone, Copy)]
+struct Drain {
+    /// When sessions still open are told to end now.
+    deadline: Instant,
+    /// They have been.
+    forced: bool,
+}
+
+/// Blocks the process-directed signals the control thread handles, so the kernel delivers them
+/// there and never interrupts this thread's `io_uring_enter` (synchronous faults still arrive).
+fn block_signals() {
+    // SAFETY: `set` is a live local that sigemptyset initialises before any other use;
+    // pthread_sigmask reads it and changes only this thread's mask (no old mask is asked for).
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for signal in [
+            libc::SIGHUP,
+            libc::SIGINT,
+            libc::SIGTERM,
+            libc::SIGUSR1,
+            libc::SIGUSR2,
+            libc::SIGQUIT,
+        ] {
+            libc::sigaddset(&mut set, signal);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
 }

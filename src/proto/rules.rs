@@ -130,6 +130,12 @@ impl Domains {
         Ok(Domains { entries })
     }
 
+    /// The entries: lower case, a leading `.` for "the subdomains of" (`Domains::new` takes
+    /// them back unchanged).
+    pub fn entries(&self) -> &[String] {
+        &self.entries
+    }
+
     /// Whether the domain of `address` is on the list. An address without a domain
     /// (`postmaster`) is always accepted, as RFC 5321 requires.
     pub fn accepts(&self, address: &[u8]) -> bool {
