@@ -1354,35 +1354,10 @@ impl Proxy for Session {
         if let ClientMode::Opaque = self.mode {
             return Some(self.client_since.max(self.upstream_since) + p.command_timeout);
         }
-        let upstream_wait = match self.up {
-            Up::Connecting { .. } | Up::Greeting { .. } | Up::Replaying { .. } => {
-                Some(p.greeting_timeout)
-            }
-            Up::Ready if self.awaiting_upstream() => Some(if self.message_in_flight() {
-                p.final_timeout
-            } else {
-                p.command_timeout
-            }),
-            _ => None,
-        };
-        Some(match upstream_wait {
-            Some(t) => self.upstream_since + t,
-            None => match self.mode {
-                ClientMode::Data(_) | ClientMode::Bdat { .. } => {
-                    let idle = self.client_since + p.data_timeout;
-                    if p.min_data_rate == 0 {
-                        idle
-                    } else {
-                        // Postfix's smtpd_min_data_rate: every byte buys 1/rate more seconds.
-                        let earned = Duration::from_secs_f64(
-                            self.data_bytes as f64 / p.min_data_rate as f64,
-                        );
-                        idle.min(self.data_started + p.data_timeout + earned)
-                    }
-                }
-                _ => self.client_since + p.command_timeout,
-            },
-        })
+        match (self.upstream_deadline(), self.client_deadline()) {
+            (Some(u), Some(c)) => Some(u.min(c)),
+            (u, c) => u.or(c),
+        }
     }
 
     fn on_timeout(&mut self, now: Instant, out: &mut Vec<Action>) {
@@ -1396,9 +1371,8 @@ impl Proxy for Session {
             return;
         }
         self.counters.timeouts += 1;
-        let waiting_for_upstream =
-            !matches!(self.up, Up::Ready | Up::Gone) || self.awaiting_upstream();
-        let reply = if !waiting_for_upstream {
+        let client_late = self.client_deadline().is_some_and(|d| d <= now);
+        let reply = if client_late {
             text::TIMEOUT
         } else if self.message_in_flight() {
             text::UPSTREAM_TIMEOUT_DATA
@@ -1422,6 +1396,48 @@ impl Proxy for Session {
 }
 
 impl Session {
+    /// When the upstream must have answered what it owes, if it owes anything.
+    fn upstream_deadline(&self) -> Option<Instant> {
+        let p = &self.policy;
+        let wait = match self.up {
+            Up::Connecting { .. } | Up::Greeting { .. } | Up::Replaying { .. } => {
+                p.greeting_timeout
+            }
+            Up::Ready if self.awaiting_upstream() => {
+                if self.message_in_flight() {
+                    p.final_timeout
+                } else {
+                    p.command_timeout
+                }
+            }
+            _ => return None,
+        };
+        Some(self.upstream_since + wait)
+    }
+
+    /// When the client must have sent more, if it is the one expected to speak: in a DATA or
+    /// BDAT phase always (the upstream may owe a reply to an earlier chunk meanwhile), in the
+    /// command phase only when nothing is owed to it.
+    fn client_deadline(&self) -> Option<Instant> {
+        let p = &self.policy;
+        match self.mode {
+            ClientMode::Data(_) | ClientMode::Bdat { .. } => {
+                let idle = self.client_since + p.data_timeout;
+                if p.min_data_rate == 0 {
+                    return Some(idle);
+                }
+                // Postfix's smtpd_min_data_rate: every byte buys 1/rate more seconds.
+                let earned =
+                    Duration::from_secs_f64(self.data_bytes as f64 / p.min_data_rate as f64);
+                Some(idle.min(self.data_started + p.data_timeout + earned))
+            }
+            _ if self.pending.is_empty() && self.up == Up::Ready => {
+                Some(self.client_since + p.command_timeout)
+            }
+            _ => None,
+        }
+    }
+
     /// The upstream connection ended or could not be made.
     fn on_upstream_gone(&mut self, reply: &'static [u8], out: &mut Vec<Action>) {
         self.up = Up::Gone;

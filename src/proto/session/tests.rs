@@ -744,3 +744,15 @@ fn unauthorised_pipelining_is_refused() {
     p.client(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n");
     assert_eq!(p.take_up(), b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n");
 }
+
+#[test]
+fn trickling_bdat_is_cut_while_the_upstream_owes_a_reply() {
+    let mut p = Pair::greeted("data_timeout = 10\nmin_data_rate = 100");
+    p.client(b"BDAT 100000 LAST\r\n");
+    for _ in 0..15 {
+        p.now += Duration::from_secs(1);
+        p.client(b"y");
+        p.advance(Duration::ZERO);
+    }
+    assert_eq!(p.client_text(), "421 4.4.2 Timeout, closing connection\r\n");
+}
