@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 use clap::{Args, Parser, Subcommand};
 use parking_lot::Mutex;
 
-use mailguard::config::{self, describe, LogFormat, LogLevel, PolicySource, Setup};
+use mailguard::config::{self, describe, LogFormat, LogLevel, PolicySource, RingTuning, Setup};
 use mailguard::control::{self, Control, Notifier, Reloader};
 use mailguard::guard::{Connections, LivePolicy, SessionFactory};
 use mailguard::io::{self, RingConfig};
@@ -186,6 +186,7 @@ struct Effective {
     log_level: LogLevel,
     drain_timeout: Duration,
     source: PolicySource,
+    ring: RingTuning,
 }
 
 fn effective(args: &RunArgs, setup: Option<&Setup>) -> Result<Effective, Failure> {
@@ -225,7 +226,17 @@ fn effective(args: &RunArgs, setup: Option<&Setup>) -> Result<Effective, Failure
             .or(setup.and_then(|s| s.drain_timeout))
             .unwrap_or(DEFAULT_DRAIN),
         source: Reloader::source(args.policy.as_ref(), setup),
+        ring: setup.map(|s| s.ring).unwrap_or_default(),
     })
+}
+
+/// The ring sizes: built-in defaults, overridden by the config file's `[ring]` table.
+fn ring_config(eff: &Effective) -> RingConfig {
+    let mut config = RingConfig::new(eff.threads, eff.upstream);
+    config.ring_entries = eff.ring.entries.unwrap_or(config.ring_entries);
+    config.buf_count = eff.ring.buffers.unwrap_or(config.buf_count);
+    config.buf_size = eff.ring.buffer_size.unwrap_or(config.buf_size);
+    config
 }
 
 fn bind_metrics(addr: Option<SocketAddr>) -> Result<Option<TcpListener>, Failure> {
@@ -259,15 +270,11 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     let (factory_live, factory_totals, upstream) =
         (Arc::clone(&live), totals.clone(), eff.upstream);
     let factory_connections = Arc::clone(&connections);
-    let server = io::serve(
-        listener,
-        RingConfig::new(eff.threads, eff.upstream),
-        move |i| {
-            SessionFactory::new(Arc::clone(&factory_live), Arc::clone(&factory_connections))
-                .with_upstream(upstream)
-                .with_totals(Arc::clone(&factory_totals[i]))
-        },
-    )?;
+    let server = io::serve(listener, ring_config(&eff), move |i| {
+        SessionFactory::new(Arc::clone(&factory_live), Arc::clone(&factory_connections))
+            .with_upstream(upstream)
+            .with_totals(Arc::clone(&factory_totals[i]))
+    })?;
     let sources = Sources {
         ring: server.stats_handle(),
         engine: totals,

@@ -16,4 +16,6 @@ pub use policy::AUTH_LINE_LENGTH;
 pub use policy::{
     BareLf, BlockedReply, Mode, Policy, PolicyError, RatePerIp, RuleAction, Ruled, StartTls,
 };
-pub use setup::{resolve, LogFormat, LogLevel, PolicySource, Setup, SetupError, MAX_DRAIN_SECS};
+pub use setup::{
+    resolve, LogFormat, LogLevel, PolicySource, RingTuning, Setup, SetupError, MAX_DRAIN_SECS,
+};

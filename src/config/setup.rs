@@ -133,6 +133,20 @@ pub struct Setup {
     pub log_level: Option<LogLevel>,
     pub drain_timeout: Option<Duration>,
     pub policy: PolicySource,
+    pub ring: RingTuning,
+}
+
+/// The `[ring]` table: the io_uring sizes of each worker (unset keys keep the built-in
+/// defaults; see tuning.md for what each costs and buys).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RingTuning {
+    /// Submission queue entries (the completion queue gets four times as many).
+    pub entries: Option<u32>,
+    /// Receive buffers in each worker's provided-buffer ring (a power of two).
+    pub buffers: Option<u16>,
+    /// Bytes per receive buffer.
+    pub buffer_size: Option<u32>,
 }
 
 /// A config file could not be used. `Display` is one line, ready for stderr.
@@ -219,6 +233,7 @@ impl Setup {
             log_level: file.log_level,
             drain_timeout: file.drain_timeout.map(Duration::from_secs),
             policy,
+            ring: file.ring.unwrap_or_default(),
         })
     }
 }
@@ -240,6 +255,7 @@ struct File {
     #[serde(default, deserialize_with = "drain_secs")]
     drain_timeout: Option<u64>,
     policy: Option<PolicyField>,
+    ring: Option<RingTuning>,
 }
 
 /// `policy = "path"` or a `[policy]` table.
@@ -395,6 +411,30 @@ max_recipients = 9
             .unwrap_err();
         assert!(e.starts_with("c.toml:3:"), "{e}");
         assert!(e.contains("not a pattern"), "{e}");
+    }
+
+    #[test]
+    fn ring_table_sets_the_ring_sizes() {
+        let s = Setup::parse(
+            "[ring]\nentries = 256\nbuffers = 1024\nbuffer_size = 8192\n",
+            "c.toml",
+            Path::new("."),
+        )
+        .unwrap();
+        assert_eq!(
+            s.ring,
+            RingTuning {
+                entries: Some(256),
+                buffers: Some(1024),
+                buffer_size: Some(8192)
+            }
+        );
+        let e = Setup::parse("[ring]\nqueue = 1\n", "c.toml", Path::new(".")).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("c.toml:2:1: unknown field `queue`"),
+            "{e}"
+        );
     }
 
     #[test]
