@@ -140,7 +140,7 @@ fn plain_end(event: Event, before: Watch, after: Watch) -> End {
 }
 
 /// Policy decisions other than blocked verbs, by the `rule` label they carry.
-pub const RULES: [&str; 19] = [
+pub const RULES: [&str; 27] = [
     "banner_masked",
     "extension_removed",
     "recipients_over_limit",
@@ -160,6 +160,14 @@ pub const RULES: [&str; 19] = [
     "invalid_recipients_limit",
     "rate_limited",
     "early_talker",
+    "header_size",
+    "header_line_length",
+    "deny_header",
+    "filename_extension",
+    "filename_length",
+    "encoding",
+    "body_line_length",
+    "mime_structure",
 ];
 
 /// The counts of [`RULES`], in that order.
@@ -184,6 +192,14 @@ pub fn rule_counts(c: &Counters) -> [u32; RULES.len()] {
         c.invalid_recipients_limit,
         c.rate_limited,
         c.early_talkers,
+        c.content[0],
+        c.content[1],
+        c.content[2],
+        c.content[3],
+        c.content[4],
+        c.content[5],
+        c.content[6],
+        c.content[7],
     ]
 }
 
@@ -374,7 +390,8 @@ mod tests {
     use super::*;
 
     /// Counters that are not policy decisions (they have their own metrics).
-    const NOT_RULES: [&str; 6] = [
+    const NOT_RULES: [&str; 7] = [
+        "content",
         "commands",
         "blocked",
         "messages_accepted",
@@ -382,6 +399,15 @@ mod tests {
         "upstream_failures",
         "replies",
     ];
+
+    fn mailguard_content_rules() -> usize {
+        let names: Vec<String> = crate::proto::content::Rule::ALL
+            .iter()
+            .map(|r| r.name().replace('-', "_"))
+            .collect();
+        assert_eq!(&RULES[RULES.len() - names.len()..], names.as_slice());
+        names.len()
+    }
 
     #[test]
     fn every_engine_counter_has_a_rule_or_a_metric() {
@@ -400,8 +426,9 @@ mod tests {
             .collect();
         let decision_fields: Vec<&&str> =
             fields.iter().filter(|f| !NOT_RULES.contains(f)).collect();
+        // `content` is one array with a rule per content::Rule.
         assert_eq!(
-            decision_fields.len(),
+            decision_fields.len() + mailguard_content_rules(),
             RULES.len(),
             "engine counters {decision_fields:?} vs rules {RULES:?}: add the new counter to RULES and rule_counts"
         );

@@ -5,6 +5,9 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use toml::Spanned;
 
+use std::sync::Arc;
+
+use crate::proto::content::{CompiledRules, ContentRules, Rule};
 use crate::proto::rules::{AddressPatterns, Domains};
 use crate::proto::Verb;
 
@@ -138,6 +141,17 @@ pub struct RatePerIp {
     pub messages: u32,
 }
 
+/// The compiled content rules (`None` when every header, MIME and body rule is off). Equal
+/// whenever the rule keys are, so it takes no part in comparing policies.
+#[derive(Debug, Clone)]
+pub struct ContentCheck(pub Option<Arc<CompiledRules>>);
+
+impl PartialEq for ContentCheck {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
 /// A policy file could not be used. `Display` is one line, ready for stderr.
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
@@ -208,6 +222,8 @@ pub struct Policy {
     /// How long the banner is held back to catch clients that talk first; zero is off.
     pub pregreet_wait: Duration,
     pub reject_unauth_pipelining: bool,
+    /// The header, MIME and body rules compiled once for every message under this policy.
+    pub content: ContentCheck,
     /// The verbs that pass: the mode's (or `allow`'s) minus those of removed extensions.
     allowed: Vec<Verb>,
 }
@@ -335,7 +351,7 @@ impl Policy {
                 action,
             },
         };
-        Ok(Policy {
+        let mut policy = Policy {
             mode,
             allow,
             blocked_reply: file.blocked_reply.unwrap_or(BlockedReply::Reject),
@@ -374,8 +390,50 @@ impl Policy {
             rate_per_sender: file.rate_per_sender.unwrap_or(0),
             pregreet_wait: Duration::from_millis(file.pregreet_wait_ms.unwrap_or(0)),
             reject_unauth_pipelining: file.reject_unauth_pipelining.unwrap_or(false),
+            content: ContentCheck(None),
             allowed,
-        })
+        };
+        let rules = policy.content_rules();
+        let compiled = rules
+            .compile()
+            .map_err(|e| invalid(text, origin, 0, &e.to_string()))?;
+        policy.content = ContentCheck(compiled.any_enabled().then(|| Arc::new(compiled)));
+        Ok(policy)
+    }
+
+    /// The content rules of this policy, as the streaming inspector takes them.
+    fn content_rules(&self) -> ContentRules {
+        ContentRules {
+            max_header_size: self.max_header_size.value,
+            max_header_line_length: self.max_header_line_length.value,
+            deny_headers: self.deny_headers.value.clone(),
+            deny_filename_extensions: self.deny_filename_extensions.value.clone(),
+            max_filename_length: self.max_filename_length.value,
+            deny_encodings: self.deny_encodings.value.clone(),
+            max_body_line_length: self.max_body_line_length.value,
+            max_mime_depth: crate::proto::content::MAX_MIME_DEPTH,
+        }
+    }
+
+    /// What a content finding does. A MIME structure the inspector cannot follow hides file
+    /// names, so it is refused like a denied file name when file-name rules are on.
+    pub fn content_action(&self, rule: Rule) -> RuleAction {
+        match rule {
+            Rule::HeaderSize => self.max_header_size.action,
+            Rule::HeaderLineLength => self.max_header_line_length.action,
+            Rule::DenyHeader => self.deny_headers.action,
+            Rule::FilenameExtension => self.deny_filename_extensions.action,
+            Rule::FilenameLength => self.max_filename_length.action,
+            Rule::Encoding => self.deny_encodings.action,
+            Rule::BodyLineLength => self.max_body_line_length.action,
+            Rule::MimeStructure if !self.deny_filename_extensions.value.is_empty() => {
+                self.deny_filename_extensions.action
+            }
+            Rule::MimeStructure if self.max_filename_length.value > 0 => {
+                self.max_filename_length.action
+            }
+            Rule::MimeStructure => RuleAction::Log,
+        }
     }
 
     /// Whether the verb may be forwarded to the upstream.

@@ -4,6 +4,7 @@
 //! io_uring: the caller hands it bytes, events and the current time.
 
 mod command;
+pub mod content;
 pub mod data;
 pub mod rate;
 pub mod reply;

@@ -28,6 +28,7 @@ use crate::config::{BareLf, BlockedReply, Policy, RuleAction};
 use crate::relay::{Action, Chunk, Proxy, Side};
 
 use super::command::{self, AddressFault};
+use super::content::{ContentScanner, Finding, Framing, Rule};
 use super::data::{Bare, DataScanner, Piece};
 use super::rate::{self, RateKey, Rates};
 use super::reply::{self, Reply, ReplyBytes, ReplyParser};
@@ -68,6 +69,23 @@ mod text {
     pub const MESSAGE_RATE: &[u8] = b"451 4.7.1 Message rate limit exceeded, try again later\r\n";
     pub const CONNECTION_RATE: &[u8] = b"421 4.7.0 Connection rate limit exceeded\r\n";
     pub const EARLY_TALKER: &[u8] = b"554 5.5.1 Protocol error\r\n";
+
+    /// The refusal for a message that broke a content rule.
+    pub fn content(rule: super::Rule) -> &'static [u8] {
+        use super::Rule;
+        match rule {
+            Rule::HeaderSize => b"554 5.7.1 Message refused: header too large\r\n",
+            Rule::HeaderLineLength => b"554 5.7.1 Message refused: header line too long\r\n",
+            Rule::DenyHeader => b"554 5.7.1 Message refused: header not allowed\r\n",
+            Rule::FilenameExtension => {
+                b"554 5.7.1 Message refused: attachment type not allowed\r\n"
+            }
+            Rule::FilenameLength => b"554 5.7.1 Message refused: attachment name too long\r\n",
+            Rule::Encoding => b"554 5.7.1 Message refused: transfer encoding not allowed\r\n",
+            Rule::BodyLineLength => b"554 5.7.1 Message refused: body line too long\r\n",
+            Rule::MimeStructure => b"554 5.7.1 Message refused: MIME structure too complex\r\n",
+        }
+    }
     pub const TOO_MANY_CONNECTIONS: &[u8] = b"421 4.7.0 Too many connections\r\n";
 }
 
@@ -120,6 +138,8 @@ pub struct Counters {
     pub rate_limited: u32,
     /// Clients that talked before the banner or pipelined without PIPELINING.
     pub early_talkers: u32,
+    /// Content findings, by [`Rule`] (in [`Rule::ALL`] order), whatever their action.
+    pub content: [u32; Rule::ALL.len()],
 }
 
 impl Counters {
@@ -169,6 +189,8 @@ enum ClientMode {
 #[derive(Debug)]
 struct DataState {
     scanner: DataScanner,
+    /// The header/MIME/body inspector, when the policy has content rules.
+    content: Option<ContentScanner>,
     /// Why the message will be refused, once known; nothing more is forwarded then.
     fail: Option<Fail>,
 }
@@ -177,6 +199,7 @@ struct DataState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fail {
     Size,
+    Content(Rule),
     BareLineEnd,
     Nul,
     UpstreamLost,
@@ -186,6 +209,7 @@ impl Fail {
     fn reply(self) -> &'static [u8] {
         match self {
             Fail::Size => text::TOO_BIG,
+            Fail::Content(rule) => text::content(rule),
             Fail::BareLineEnd => text::BARE_LF,
             Fail::Nul => text::NUL,
             Fail::UpstreamLost => text::UPSTREAM_LOST_DATA,
@@ -280,6 +304,10 @@ pub struct Session {
     bdat_total: u64,
     /// Set when the guard refused a BDAT transaction midway: later chunks get this reply.
     bdat_refused: Option<&'static [u8]>,
+    /// The content inspector of the BDAT transaction in progress.
+    bdat_content: Option<ContentScanner>,
+    /// The chunk being read is the last of its message.
+    bdat_last: bool,
     errors: u32,
     /// The client's last HELO/EHLO line and its completed AUTH exchange, for a replay.
     helo: Option<Vec<u8>>,
@@ -330,6 +358,8 @@ impl Session {
             rcpts: 0,
             bdat_total: 0,
             bdat_refused: None,
+            bdat_content: None,
+            bdat_last: false,
             errors: 0,
             helo: None,
             auth: Vec::new(),
@@ -773,14 +803,33 @@ impl Session {
             return;
         }
         self.forward(line.chunk(), Expect::Bdat { last: b.last }, out);
-        if b.last {
-            self.reset_transaction();
+        if self.bdat_content.is_none() {
+            self.bdat_content = self.content_scanner(Framing::Bdat);
         }
+        self.bdat_last = b.last;
         self.mode = ClientMode::Bdat {
             remaining: b.size,
             forward: true,
         };
+        if b.size == 0 {
+            // No chunk bytes will come to finish it.
+            self.feed_bdat(&[], 0, Src::Input, out);
+        }
         self.start_data_phase();
+    }
+
+    /// Bytes left in the BDAT chunk being read.
+    fn bdat_remaining(&self) -> u64 {
+        match self.mode {
+            ClientMode::Bdat { remaining, .. } => remaining,
+            _ => 0,
+        }
+    }
+
+    /// A content inspector for a new message, if the policy has content rules.
+    fn content_scanner(&self, framing: Framing) -> Option<ContentScanner> {
+        let rules = self.policy.content.0.as_ref()?;
+        Some(ContentScanner::new(Arc::clone(rules), framing))
     }
 
     fn reset_transaction(&mut self) {
@@ -788,6 +837,7 @@ impl Session {
         self.rcpts = 0;
         self.bdat_total = 0;
         self.bdat_refused = None;
+        self.bdat_content = None;
     }
 
     fn feed_bdat(&mut self, bytes: &[u8], pos: usize, src: Src, out: &mut Vec<Action>) -> usize {
@@ -796,12 +846,40 @@ impl Session {
         };
         let n = (bytes.len() - pos).min(usize::try_from(*remaining).unwrap_or(usize::MAX));
         *remaining -= n as u64;
+        let (forward, finished) = (*forward, *remaining == 0);
         self.data_bytes += n as u64;
-        if *forward && n > 0 {
+        let verdict = match &mut self.bdat_content {
+            Some(content) if forward => inspect(
+                content,
+                std::iter::once(&bytes[pos..pos + n]),
+                finished && self.bdat_last,
+                &self.policy,
+                &mut self.counters,
+            ),
+            _ => None,
+        };
+        if let Some((rule, action)) = verdict {
+            // Refused like an oversized BDAT message: this chunk and the rest of the
+            // transaction get the rule's reply, and the upstream never sees the end.
+            let reply = text::content(rule);
+            self.mode = ClientMode::Bdat {
+                remaining: self.bdat_remaining(),
+                forward: false,
+            };
+            self.abort_upstream(reply, out);
+            if action == RuleAction::Drop {
+                self.fail_close(text::POLICY_DROP, out);
+                return bytes.len() - pos;
+            }
+            self.bdat_refused = (!self.bdat_last).then_some(reply);
+        } else if forward && n > 0 {
             send(out, Side::Upstream, chunk(bytes, pos..pos + n, src));
         }
-        if *remaining == 0 {
+        if finished {
             self.mode = ClientMode::Command;
+            if self.bdat_last {
+                self.reset_transaction();
+            }
         }
         n
     }
@@ -814,10 +892,34 @@ impl Session {
         pieces.clear();
         let scanned = state.scanner.scan(&bytes[pos..], &mut |p| pieces.push(p));
         self.data_bytes += scanned.consumed as u64;
-        let newly_failed = state.fail.is_none() && {
+        let mut content_drop = false;
+        let failed_before = state.fail.is_some();
+        if state.fail.is_none() {
+            if let Some(content) = &mut state.content {
+                let verdict = inspect(
+                    content,
+                    pieces.iter().map(|p| match p {
+                        Piece::Input(r) => &bytes[pos + r.start..pos + r.end],
+                        Piece::Static(s) => s,
+                    }),
+                    scanned.done,
+                    &self.policy,
+                    &mut self.counters,
+                );
+                match verdict {
+                    Some((rule, RuleAction::Drop)) => {
+                        content_drop = true;
+                        state.fail = Some(Fail::Content(rule));
+                    }
+                    Some((rule, _)) => state.fail = Some(Fail::Content(rule)),
+                    None => {}
+                }
+            }
+        }
+        if state.fail.is_none() {
             state.fail = violation(&state.scanner, &self.policy);
-            state.fail.is_some()
-        };
+        }
+        let newly_failed = !failed_before && state.fail.is_some();
         let forwarding = state.fail.is_none();
         if forwarding {
             for piece in pieces.drain(..) {
@@ -831,6 +933,11 @@ impl Session {
         self.pieces = pieces;
         if newly_failed {
             self.abort_upstream(text::UPSTREAM_LOST_DATA, out);
+        }
+        if content_drop {
+            // ASA's drop-connection: no reply to the message, the connection goes.
+            self.fail_close(text::POLICY_DROP, out);
+            return bytes.len() - pos;
         }
         if scanned.done {
             self.end_of_data(out);
@@ -855,6 +962,7 @@ impl Session {
             Some(fail) => {
                 match fail {
                     Fail::Size => self.counters.size_refused += 1,
+                    Fail::Content(_) => {}
                     Fail::BareLineEnd => self.counters.bare_line_ends_refused += 1,
                     Fail::Nul => self.counters.nul_refused += 1,
                     Fail::UpstreamLost => {}
@@ -1019,6 +1127,7 @@ impl Session {
                         BareLf::Reject => Bare::Reject,
                         BareLf::Normalize => Bare::Normalize,
                     }),
+                    content: self.content_scanner(Framing::Data),
                     fail: None,
                 }));
             }
@@ -1184,6 +1293,35 @@ fn violation(scanner: &DataScanner, policy: &Policy) -> Option<Fail> {
     } else {
         None
     }
+}
+
+/// Feeds message bytes to the content inspector; counts every finding and returns the first
+/// whose action is not `log`.
+fn inspect<'a>(
+    content: &mut ContentScanner,
+    parts: impl Iterator<Item = &'a [u8]>,
+    finished: bool,
+    policy: &Policy,
+    counters: &mut Counters,
+) -> Option<(Rule, RuleAction)> {
+    let mut first = None;
+    let mut on_finding = |f: Finding| {
+        counters.content[f.rule as usize] += 1;
+        let action = policy.content_action(f.rule);
+        if action != RuleAction::Log && first.is_none() {
+            first = Some((f.rule, action));
+        }
+    };
+    for part in parts {
+        if !content.needs_input() {
+            break;
+        }
+        content.feed(part, &mut on_finding);
+    }
+    if finished {
+        content.finish(&mut on_finding);
+    }
+    first
 }
 
 /// A command line is clean when it has no NUL, no bare CR and is valid UTF-8 (SMTPUTF8).

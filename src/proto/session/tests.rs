@@ -756,3 +756,69 @@ fn trickling_bdat_is_cut_while_the_upstream_owes_a_reply() {
     }
     assert_eq!(p.client_text(), "421 4.4.2 Timeout, closing connection\r\n");
 }
+
+const ATTACHMENT: &[u8] = b"Subject: s\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n--b1\r\nContent-Type: text/plain\r\n\r\nhi\r\n--b1\r\nContent-Type: application/octet-stream\r\nContent-Disposition: attachment; filename=\"run.EXE\"\r\nContent-Transfer-Encoding: base64\r\n\r\nTVqQAAMAAAAEAAAA\r\n--b1--\r\n";
+
+fn data_session(policy: &str) -> Pair {
+    let mut p = Pair::greeted(policy);
+    p.client(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n");
+    p.upstream(b"250 a\r\n250 b\r\n354 c\r\n");
+    p.take_client();
+    p.take_up();
+    p
+}
+
+#[test]
+fn denied_attachment_is_refused_after_the_end_of_data() {
+    let mut p = data_session("deny_filename_extensions = [\"exe\", \"js\"]");
+    // Split across packets, boundary and file name included.
+    for piece in ATTACHMENT.chunks(7) {
+        p.client(piece);
+    }
+    assert_eq!(p.upstream_closes, 1, "upstream transaction aborted");
+    assert!(!p.take_up().ends_with(b"\r\n.\r\n"));
+    p.client(b".\r\n");
+    assert_eq!(
+        p.client_text(),
+        "554 5.7.1 Message refused: attachment type not allowed\r\n"
+    );
+    assert_eq!(p.s.counters().content[Rule::FilenameExtension as usize], 1);
+    assert!(!p.closed);
+}
+
+#[test]
+fn content_rules_log_or_drop() {
+    let mut p = data_session("deny_filename_extensions = { value = [\"exe\"], action = \"log\" }");
+    p.client(ATTACHMENT);
+    p.client(b".\r\n");
+    assert!(p.take_up().ends_with(b"--b1--\r\n.\r\n"), "logged, delivered");
+    assert_eq!(p.upstream_closes, 0);
+    assert_eq!(p.s.counters().content[Rule::FilenameExtension as usize], 1);
+    let mut p = data_session("deny_filename_extensions = { value = [\"exe\"], action = \"drop\" }");
+    p.client(ATTACHMENT);
+    assert_eq!(
+        p.client_text(),
+        "421 4.7.0 Policy violation, closing connection\r\n"
+    );
+    assert!(p.closed);
+}
+
+#[test]
+fn bdat_message_with_a_denied_header_is_refused() {
+    let mut p = Pair::greeted("deny_headers = [\"X-Link2State\"]");
+    let body = b"Subject: s\r\nX-Link2State: 1\r\n\r\nhi\r\n";
+    let mut cmd = format!("BDAT {} LAST\r\n", body.len()).into_bytes();
+    cmd.extend_from_slice(body);
+    cmd.extend_from_slice(b"NOOP\r\n");
+    p.client(&cmd);
+    assert_eq!(p.upstream_closes, 1);
+    assert!(!p.take_up().ends_with(b"hi\r\n"), "the chunk never reached the upstream whole");
+    assert_eq!(
+        p.client_text(),
+        "554 5.7.1 Message refused: header not allowed\r\n"
+    );
+    // The NOOP waits for the new upstream connection.
+    p.connected();
+    p.upstream(BANNER);
+    assert_eq!(p.take_up(), b"NOOP\r\n");
+}
