@@ -27,6 +27,9 @@ use super::userdata::{Op, SlotId, Token, EPOCH_MASK};
 use super::WorkerStats;
 use crate::relay::{Action, Chunk, Proxy, Side};
 
+/// Scratch actions kept between session calls (a call makes a handful).
+const MAX_KEPT_ACTIONS: usize = 256;
+
 /// How long a closing session may take to flush what is queued for its peers.
 pub(crate) const FLUSH_LIMIT: Duration = Duration::from_secs(10);
 /// A send queue that just emptied keeps at most this much capacity, so a bulk transfer does not
@@ -537,6 +540,10 @@ impl<S: Proxy> Conn<S> {
         call(&mut self.session, cx.now, &mut actions);
         for action in actions.drain(..) {
             self.execute(action, id, cx, data);
+        }
+        // One session's burst must not leave the worker holding a large scratch vector.
+        if actions.capacity() > MAX_KEPT_ACTIONS {
+            actions = Vec::new();
         }
         cx.actions = actions;
     }

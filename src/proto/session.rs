@@ -153,6 +153,10 @@ impl Counters {
 /// Most client bytes held at a synchronisation point. A client that pipelines this much
 /// without waiting for replies is not an SMTP client.
 const MAX_HELD: usize = 256 * 1024;
+/// Most DATA bytes scanned in one step.
+const DATA_SLICE: usize = 16 * 1024;
+/// Scratch pieces kept between DATA chunks (a clean chunk makes one or two).
+const MAX_KEPT_PIECES: usize = 64;
 /// Most commands awaiting their reply; past it, client input is held until replies drain.
 const MAX_PENDING: usize = 1024;
 
@@ -890,7 +894,11 @@ impl Session {
         };
         let mut pieces = mem::take(&mut self.pieces);
         pieces.clear();
-        let scanned = state.scanner.scan(&bytes[pos..], &mut |p| pieces.push(p));
+        // Bounded slices keep the scratch and any joined copy small (held input can be 256 KiB).
+        let end = bytes.len().min(pos + DATA_SLICE);
+        let scanned = state
+            .scanner
+            .scan(&bytes[pos..end], &mut |p| pieces.push(p));
         self.data_bytes += scanned.consumed as u64;
         let mut content_drop = false;
         let failed_before = state.fail.is_some();
@@ -921,7 +929,17 @@ impl Session {
         }
         let newly_failed = !failed_before && state.fail.is_some();
         let forwarding = state.fail.is_none();
-        if forwarding {
+        if forwarding && pieces.len() > MAX_KEPT_PIECES {
+            // Many fix-ups (a flood of bare line ends): one copy beats one action per line.
+            let mut joined = Vec::with_capacity(scanned.consumed + pieces.len());
+            for piece in &pieces {
+                joined.extend_from_slice(match piece {
+                    Piece::Input(r) => &bytes[pos + r.start..pos + r.end],
+                    Piece::Static(s) => s,
+                });
+            }
+            send(out, Side::Upstream, Chunk::Owned(joined));
+        } else if forwarding {
             for piece in pieces.drain(..) {
                 let c = match piece {
                     Piece::Input(r) => chunk(bytes, pos + r.start..pos + r.end, src),
@@ -929,6 +947,11 @@ impl Session {
                 };
                 send(out, Side::Upstream, c);
             }
+        }
+        // A chunk full of bare line ends makes many pieces; an idle session must not keep them.
+        pieces.clear();
+        if pieces.capacity() > MAX_KEPT_PIECES {
+            pieces = Vec::new();
         }
         self.pieces = pieces;
         if newly_failed {

@@ -209,6 +209,62 @@ pub struct UpstreamOptions {
     pub hold_end_of_data: bool,
     /// After STARTTLS: sent once, when the first opaque bytes arrived.
     pub tls_reply: Vec<u8>,
+    /// Accept connections but never send a byte (not even the greeting).
+    pub silent: bool,
+    /// Stop answering (keep reading, never reply) once a command starts with this (any case).
+    pub hang_on_command: Option<String>,
+    /// Record a message at its end of data, then never answer it (the reply is lost).
+    pub hang_after_end_of_data: bool,
+    /// Every close the upstream initiates is an abortive one (RST, `SO_LINGER` 0), not a FIN.
+    pub reset: bool,
+    /// Per-connection faults: connection `i` gets `schedule[i % len]` applied on top of these
+    /// options. Empty: every connection behaves as configured.
+    pub schedule: Vec<Fault>,
+}
+
+/// A fault the upstream plays on one connection (see [`UpstreamOptions::schedule`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Behave as configured.
+    None,
+    /// Close at once, without a greeting.
+    Refuse,
+    /// Accept and never answer anything.
+    Silent,
+    /// Reset the connection when a command starts with this.
+    ResetOnCommand(String),
+    /// Stop answering when a command starts with this.
+    HangOnCommand(String),
+    /// Reset the connection once this many DATA bytes arrived.
+    ResetInData(usize),
+    /// Close right after the end of data, before the reply (message recorded as unacknowledged).
+    CloseAfterEndOfData,
+    /// Record the message at its end of data, then never answer.
+    HangAfterEndOfData,
+    /// Sleep this long before every reply.
+    Slow(Duration),
+}
+
+impl Fault {
+    fn apply(&self, o: &mut UpstreamOptions) {
+        match self {
+            Fault::None => {}
+            Fault::Refuse => o.close_on_accept = true,
+            Fault::Silent => o.silent = true,
+            Fault::ResetOnCommand(p) => {
+                o.close_on_command = Some(p.clone());
+                o.reset = true;
+            }
+            Fault::HangOnCommand(p) => o.hang_on_command = Some(p.clone()),
+            Fault::ResetInData(n) => {
+                o.close_in_data_after = Some(*n);
+                o.reset = true;
+            }
+            Fault::CloseAfterEndOfData => o.end_of_data = EndOfData::Close,
+            Fault::HangAfterEndOfData => o.hang_after_end_of_data = true,
+            Fault::Slow(d) => o.reply_delay = *d,
+        }
+    }
 }
 
 impl Default for UpstreamOptions {
@@ -223,6 +279,11 @@ impl Default for UpstreamOptions {
             end_of_data: EndOfData::Queue,
             hold_end_of_data: false,
             tls_reply: Vec::new(),
+            silent: false,
+            hang_on_command: None,
+            hang_after_end_of_data: false,
+            reset: false,
+            schedule: Vec::new(),
         }
     }
 }
@@ -251,6 +312,21 @@ pub struct Upstream {
     pub addr: SocketAddr,
     shared: Arc<Shared>,
     acceptor: Option<JoinHandle<()>>,
+}
+
+/// Binds `addr` again (the port of a stopped listener), retrying briefly (bounded).
+fn rebind(addr: SocketAddr) -> TcpListener {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match TcpListener::bind(addr) {
+            Ok(l) => return l,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("rebind upstream {addr}: {e}"),
+        }
+    }
 }
 
 impl Upstream {
@@ -287,9 +363,35 @@ impl Upstream {
         a
     }
 
+    /// Stops the server like a process exit would: the listener goes (new connections are
+    /// refused) and every open connection is closed (with RST when `reset` is set). What was
+    /// recorded so far is kept. Returns once every connection thread has ended.
+    pub fn stop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.acceptor.take() {
+            let _ = h.join();
+        }
+    }
+
+    /// Listens again on the same address after [`Upstream::stop`], with the same options and
+    /// the same records (connection indices go on counting).
+    pub fn restart(&mut self) {
+        assert!(self.acceptor.is_none(), "restart without stop");
+        let listener = rebind(self.addr);
+        listener.set_nonblocking(true).unwrap();
+        self.shared.stop.store(false, Ordering::SeqCst);
+        let sh = self.shared.clone();
+        self.acceptor = Some(thread::spawn(move || accept_loop(listener, sh)));
+    }
+
     /// Lets a held end of data be answered.
     pub fn release(&self) {
         self.shared.release.store(true, Ordering::SeqCst);
+    }
+
+    /// Holds ends of data again (with `hold_end_of_data`) until the next [`Upstream::release`].
+    pub fn hold_again(&self) {
+        self.shared.release.store(false, Ordering::SeqCst);
     }
 
     /// Snapshot of all connections so far.
@@ -393,17 +495,30 @@ fn serve(stream: TcpStream, idx: usize, sh: Arc<Shared>) {
     let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
     let _ = stream.set_write_timeout(Some(WAIT));
     let _ = stream.set_nodelay(true);
+    let mut opts = sh.opts.clone();
+    if !sh.opts.schedule.is_empty() {
+        sh.opts.schedule[idx % sh.opts.schedule.len()].apply(&mut opts);
+    }
     let mut peer = Peer {
         stream,
         buf: Vec::new(),
         idx,
         sh: sh.clone(),
         queued: 0,
+        opts,
     };
-    if !sh.opts.close_on_accept {
+    if peer.opts.silent {
+        peer.swallow();
+    } else if !peer.opts.close_on_accept {
         let _ = peer.session();
     }
-    let _ = peer.stream.shutdown(Shutdown::Both);
+    if peer.opts.reset {
+        // SO_LINGER 0: the close sends RST, as a crashed or killed server's kernel would.
+        let _ = socket2::SockRef::from(&peer.stream).set_linger(Some(Duration::ZERO));
+    } else {
+        let _ = peer.stream.shutdown(Shutdown::Both);
+    }
+    drop(peer.stream);
     sh.lock().conns[idx].closed = true;
 }
 
@@ -413,6 +528,8 @@ struct Peer {
     idx: usize,
     sh: Arc<Shared>,
     queued: usize,
+    /// This connection's behaviour (the options with its scheduled fault applied).
+    opts: UpstreamOptions,
 }
 
 /// The state of one SMTP transaction on the upstream side.
@@ -473,6 +590,14 @@ impl Peer {
         }
     }
 
+    /// Reads (and records) everything until the peer closes or the server stops; answers nothing.
+    fn swallow(&mut self) {
+        self.buf.clear();
+        while self.fill().is_some() {
+            self.buf.clear();
+        }
+    }
+
     /// Exactly `n` bytes.
     fn take(&mut self, n: usize) -> Option<Vec<u8>> {
         while self.buf.len() < n {
@@ -486,7 +611,7 @@ impl Peer {
     fn data_body(&mut self) -> Result<Vec<u8>, Vec<u8>> {
         let mut scanned = 0;
         loop {
-            if let Some(limit) = self.sh.opts.close_in_data_after {
+            if let Some(limit) = self.opts.close_in_data_after {
                 if self.buf.len() >= limit {
                     return Err(std::mem::take(&mut self.buf));
                 }
@@ -515,8 +640,8 @@ impl Peer {
     }
 
     fn reply_raw(&mut self, b: &[u8]) -> Option<()> {
-        if !self.sh.opts.reply_delay.is_zero() {
-            thread::sleep(self.sh.opts.reply_delay);
+        if !self.opts.reply_delay.is_zero() {
+            thread::sleep(self.opts.reply_delay);
         }
         self.stream.write_all(b).ok()?;
         self.stream.flush().ok()
@@ -525,7 +650,7 @@ impl Peer {
     /// A message ended: record, hold, answer as configured.
     fn finish(&mut self, txn: &mut Txn, body: Vec<u8>, via: Via) -> Option<()> {
         let taken = std::mem::take(txn);
-        let end = self.sh.opts.end_of_data.clone();
+        let end = self.opts.end_of_data.clone();
         if end == EndOfData::Queue {
             let msg = Message {
                 conn: self.idx,
@@ -536,7 +661,11 @@ impl Peer {
             };
             self.sh.lock().messages.push(msg);
         }
-        if self.sh.opts.hold_end_of_data {
+        if self.opts.hang_after_end_of_data {
+            self.swallow();
+            return None;
+        }
+        if self.opts.hold_end_of_data {
             let sh = self.sh.clone();
             wait_for(UPSTREAM_IDLE, || {
                 sh.release.load(Ordering::SeqCst) || sh.stop.load(Ordering::SeqCst)
@@ -557,7 +686,7 @@ impl Peer {
     }
 
     fn session(&mut self) -> Option<()> {
-        let opts = self.sh.opts.clone();
+        let opts = self.opts.clone();
         let mut banner = Vec::new();
         for (i, l) in opts.banner.iter().enumerate() {
             let sep = if i + 1 == opts.banner.len() { ' ' } else { '-' };
@@ -580,6 +709,15 @@ impl Peer {
                     .to_ascii_uppercase()
                     .starts_with(&p.to_ascii_uppercase())
                 {
+                    return None;
+                }
+            }
+            if let Some(p) = &opts.hang_on_command {
+                if text
+                    .to_ascii_uppercase()
+                    .starts_with(&p.to_ascii_uppercase())
+                {
+                    self.swallow();
                     return None;
                 }
             }
@@ -855,11 +993,32 @@ impl Guard {
         policy: Option<&str>,
         extra: &[&str],
     ) -> Result<Guard, String> {
+        Guard::spawn_limited(listen, upstream, policy, extra, None)
+    }
+
+    /// Like [`Guard::spawn`]; with `fd_limit`, the binary runs under `ulimit -n fd_limit`
+    /// (through `bash -c 'ulimit -n N; exec ...'`, so the PID is still the guard's).
+    pub fn spawn_limited(
+        listen: &str,
+        upstream: &str,
+        policy: Option<&str>,
+        extra: &[&str],
+        fd_limit: Option<u32>,
+    ) -> Result<Guard, String> {
         let addr: SocketAddr = listen.parse().expect("listen address");
         let dir = TempDir::new();
         let policy_path = policy.map(|p| dir.write("policy.toml", p.as_bytes()));
         let stderr = File::create(dir.path.join("stderr.log")).unwrap();
-        let mut cmd = Command::new(bin());
+        let mut cmd = match fd_limit {
+            None => Command::new(bin()),
+            Some(n) => {
+                let mut c = Command::new("bash");
+                c.arg("-c")
+                    .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
+                    .arg(bin());
+                c
+            }
+        };
         cmd.arg("--listen")
             .arg(listen)
             .arg("--upstream")
@@ -913,6 +1072,37 @@ impl Guard {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// The guard's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Open file descriptors of the guard (entries of /proc/PID/fd).
+    pub fn fd_count(&self) -> usize {
+        proc_fd_count(self.pid())
+    }
+
+    /// Resident memory of the guard in KiB (VmRSS of /proc/PID/status).
+    pub fn rss_kib(&self) -> u64 {
+        proc_rss_kib(self.pid())
+    }
+
+    /// CPU time (user + system) the guard used so far, in clock ticks.
+    pub fn cpu_ticks(&self) -> u64 {
+        proc_cpu_ticks(self.pid())
+    }
+
+    /// Waits (bounded by `timeout`) until the guard holds at most `n` file descriptors;
+    /// returns the last count seen.
+    pub fn wait_fd_count_at_most(&self, n: usize, timeout: Duration) -> usize {
+        let mut last = self.fd_count();
+        wait_for(timeout, || {
+            last = self.fd_count();
+            last <= n
+        });
+        last
+    }
+
     /// A client connected to this guard, its greeting read and checked to be a 220.
     #[track_caller]
     pub fn client(&self) -> Client {
@@ -926,6 +1116,70 @@ impl Drop for Guard {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Open file descriptors of process `pid` (0 if /proc is unreadable).
+pub fn proc_fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// VmRSS of process `pid` in KiB (0 if unreadable).
+pub fn proc_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// utime + stime of process `pid` (all threads) in clock ticks, from /proc/PID/stat.
+pub fn proc_cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name (field 2) may hold spaces; the fields after its `)` are plain.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state): utime is field 14, stime field 15.
+    let field = |n: usize| {
+        f.get(n - 3)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field(14) + field(15)
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`; 100 on Linux).
+pub fn clock_ticks_per_second() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as u64
+    } else {
+        100
+    }
+}
+
+/// Samples the guard's RSS every few milliseconds while `f` runs; returns `f`'s result and
+/// the highest RSS seen (KiB).
+pub fn peak_rss_during<T>(pid: u32, f: impl FnOnce() -> T) -> (T, u64) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let sampler = thread::spawn(move || {
+        let mut peak = proc_rss_kib(pid);
+        while !s.load(Ordering::SeqCst) {
+            peak = peak.max(proc_rss_kib(pid));
+            thread::sleep(Duration::from_millis(5));
+        }
+        peak.max(proc_rss_kib(pid))
+    });
+    let out = f();
+    stop.store(true, Ordering::SeqCst);
+    let peak = sampler.join().unwrap_or(0);
+    (out, peak)
 }
 
 /// Runs the binary with `args`, expecting it to exit on its own (bounded). Returns the exit
@@ -1078,6 +1332,27 @@ impl Client {
     pub fn connect(addr: SocketAddr) -> Client {
         let stream = TcpStream::connect_timeout(&addr, WAIT)
             .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+        let _ = stream.set_nodelay(true);
+        let _ = stream.set_write_timeout(Some(WAIT * 3));
+        Client {
+            stream,
+            buf: Vec::new(),
+            timeout: WAIT,
+            greeting: None,
+        }
+    }
+
+    /// Connects from the local address `from` (for example 127.0.0.2, to look like another
+    /// client host on the loopback), with TCP_NODELAY.
+    #[track_caller]
+    pub fn connect_from(from: std::net::IpAddr, addr: SocketAddr) -> Client {
+        use socket2::{Domain, Socket, Type};
+        let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None).expect("socket");
+        sock.bind(&SocketAddr::new(from, 0).into())
+            .unwrap_or_else(|e| panic!("bind {from}: {e}"));
+        sock.connect_timeout(&addr.into(), WAIT)
+            .unwrap_or_else(|e| panic!("connect {from} -> {addr}: {e}"));
+        let stream: TcpStream = sock.into();
         let _ = stream.set_nodelay(true);
         let _ = stream.set_write_timeout(Some(WAIT * 3));
         Client {

@@ -791,7 +791,10 @@ fn content_rules_log_or_drop() {
     let mut p = data_session("deny_filename_extensions = { value = [\"exe\"], action = \"log\" }");
     p.client(ATTACHMENT);
     p.client(b".\r\n");
-    assert!(p.take_up().ends_with(b"--b1--\r\n.\r\n"), "logged, delivered");
+    assert!(
+        p.take_up().ends_with(b"--b1--\r\n.\r\n"),
+        "logged, delivered"
+    );
     assert_eq!(p.upstream_closes, 0);
     assert_eq!(p.s.counters().content[Rule::FilenameExtension as usize], 1);
     let mut p = data_session("deny_filename_extensions = { value = [\"exe\"], action = \"drop\" }");
@@ -812,7 +815,10 @@ fn bdat_message_with_a_denied_header_is_refused() {
     cmd.extend_from_slice(b"NOOP\r\n");
     p.client(&cmd);
     assert_eq!(p.upstream_closes, 1);
-    assert!(!p.take_up().ends_with(b"hi\r\n"), "the chunk never reached the upstream whole");
+    assert!(
+        !p.take_up().ends_with(b"hi\r\n"),
+        "the chunk never reached the upstream whole"
+    );
     assert_eq!(
         p.client_text(),
         "554 5.7.1 Message refused: header not allowed\r\n"
