@@ -12,54 +12,10 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use mailguard::proto::data::{Bare, DataScanner, Piece};
 use memchr::memmem::Finder;
 
+mod mail;
+use mail::{Lcg, BASE64, WORDS};
+
 const SIZES: [(usize, &str); 3] = [(1 << 10, "1KiB"), (64 << 10, "64KiB"), (1 << 20, "1MiB")];
-
-/// A tiny deterministic generator, so that every run scans the same bytes.
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self, below: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) % below
-    }
-}
-
-const WORDS: &[&str] = &[
-    "the",
-    "meeting",
-    "is",
-    "moved",
-    "to",
-    "Thursday",
-    "and",
-    "we",
-    "will",
-    "review",
-    "the",
-    "quarterly",
-    "numbers",
-    "please",
-    "bring",
-    "your",
-    "notes",
-    "regards",
-    "invoice",
-    "attached",
-    "shipping",
-    "confirmed",
-    "order",
-    "a",
-    "of",
-    "for",
-    "with",
-    "this",
-    "message",
-];
-
-const BASE64: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
 /// A text line of `len` bytes (without CRLF); `stuffed` lines start with `..`.
 fn text_line(rng: &mut Lcg, len: usize, stuffed: bool, body: &mut Vec<u8>) {
