@@ -10,18 +10,17 @@
 //! `drop` actions are checked on two rules each.
 
 mod common;
+mod smtplib_client;
 
 use common::*;
 use lettre::message::header::{ContentTransferEncoding, ContentType};
 use lettre::message::{Attachment, Body, Mailbox, MultiPart, SinglePart};
 use lettre::{Message, SmtpTransport, Transport};
 use serde_json::{json, Value};
-use std::fs::File;
+use smtplib_client::Sent;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::thread;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 const FROM: &str = "sender@example.test";
 const TO: &str = "rcpt@example.test";
@@ -70,57 +69,7 @@ else:
 with open(dump, "wb") as f:
     f.write(data)
 
-def text(b):
-    return b.decode("utf-8", "replace") if isinstance(b, bytes) else str(b)
-
-source = (spec["source"], 0) if spec.get("source") else None
-try:
-    with smtplib.SMTP("127.0.0.1", int(port), local_hostname="client.test", timeout=20,
-                      source_address=source) as s:
-        refused = s.sendmail(sender, rcpts.split(","), data)
-    out = {"status": "ok", "refused": {k: [c, text(m)] for k, (c, m) in refused.items()}}
-except smtplib.SMTPDataError as e:
-    out = {"status": "data", "code": e.smtp_code, "msg": text(e.smtp_error)}
-except smtplib.SMTPSenderRefused as e:
-    out = {"status": "sender", "code": e.smtp_code, "msg": text(e.smtp_error)}
-except smtplib.SMTPRecipientsRefused as e:
-    out = {"status": "rcpts", "refused": {k: [c, text(m)] for k, (c, m) in e.recipients.items()}}
-except smtplib.SMTPResponseException as e:
-    out = {"status": "response", "code": e.smtp_code, "msg": text(e.smtp_error)}
-except (smtplib.SMTPException, OSError) as e:
-    out = {"status": "disconnected", "msg": repr(e)}
-print(json.dumps(out))
 "#;
-
-/// What one smtplib run did.
-struct Sent {
-    /// `ok`, `data`, `sender`, `rcpts`, `response` or `disconnected`.
-    status: String,
-    code: u16,
-    msg: String,
-    /// The exact message bytes smtplib was given.
-    data: Vec<u8>,
-}
-
-impl std::fmt::Debug for Sent {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "smtplib {} {} {:?} ({} bytes sent)",
-            self.status,
-            self.code,
-            self.msg,
-            self.data.len()
-        )
-    }
-}
-
-impl Sent {
-    /// The reply smtplib got, as `code text`.
-    fn reply(&self) -> String {
-        format!("{} {}", self.code, self.msg)
-    }
-}
 
 /// A spec, short enough for an assertion message.
 fn label(spec: &Value) -> String {
@@ -141,56 +90,10 @@ fn file(name: &str) -> Value {
     json!({ "file": fixture(name).display().to_string() })
 }
 
-/// Sends one message with smtplib (bounded: smtplib's own 20 s timeout, and a kill after 60 s).
+/// Sends one message with smtplib.
 #[track_caller]
 fn smtplib(addr: SocketAddr, spec: Value) -> Sent {
-    let dir = TempDir::new();
-    let dump = dir.path.join("sent.eml");
-    let out_path = dir.path.join("stdout.json");
-    let err_path = dir.path.join("stderr.txt");
-    let mut child = Command::new("python3")
-        .arg("-c")
-        .arg(SMTPLIB)
-        .arg(addr.port().to_string())
-        .arg(FROM)
-        .arg(TO)
-        .arg(spec.to_string())
-        .arg(&dump)
-        .stdin(Stdio::null())
-        .stdout(File::create(&out_path).unwrap())
-        .stderr(File::create(&err_path).unwrap())
-        .spawn()
-        .expect("python3 is needed by this test");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for python3") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "python3 smtplib still running after 60 s ({})",
-                label(&spec)
-            );
-        }
-        thread::sleep(Duration::from_millis(10));
-    };
-    let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
-    let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
-    assert!(
-        status.success(),
-        "python3 failed ({status}) for {}: {stderr}",
-        label(&spec)
-    );
-    let v: Value = serde_json::from_str(stdout.trim())
-        .unwrap_or_else(|e| panic!("smtplib output {stdout:?}: {e}; stderr {stderr}"));
-    Sent {
-        status: v["status"].as_str().unwrap_or_default().to_string(),
-        code: v["code"].as_u64().unwrap_or(0) as u16,
-        msg: v["msg"].as_str().unwrap_or_default().to_string(),
-        data: std::fs::read(&dump).expect("the bytes smtplib sent"),
-    }
+    smtplib_client::send(SMTPLIB, addr, FROM, TO, &spec, &label(&spec))
 }
 
 /// What the upstream must record for bytes smtplib sent: dot-stuffed, and a CRLF before `.`

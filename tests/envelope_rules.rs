@@ -7,13 +7,13 @@
 //! are per worker thread, so the rate tests run the guard with one thread.
 
 mod common;
+mod smtplib_client;
 
 use common::*;
 use serde_json::{json, Value};
-use std::fs::File;
+use smtplib_client::Sent;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -55,119 +55,19 @@ data = msg.as_bytes()
 with open(dump, "wb") as f:
     f.write(data)
 
-def text(b):
-    return b.decode("utf-8", "replace") if isinstance(b, bytes) else str(b)
-
-source = (spec["source"], 0) if spec.get("source") else None
-try:
-    with smtplib.SMTP("127.0.0.1", int(port), local_hostname="client.test", timeout=20,
-                      source_address=source) as s:
-        refused = s.sendmail(sender, rcpts.split(","), data)
-    out = {"status": "ok", "refused": {k: [c, text(m)] for k, (c, m) in refused.items()}}
-except smtplib.SMTPDataError as e:
-    out = {"status": "data", "code": e.smtp_code, "msg": text(e.smtp_error)}
-except smtplib.SMTPSenderRefused as e:
-    out = {"status": "sender", "code": e.smtp_code, "msg": text(e.smtp_error)}
-except smtplib.SMTPRecipientsRefused as e:
-    out = {"status": "rcpts", "refused": {k: [c, text(m)] for k, (c, m) in e.recipients.items()}}
-except smtplib.SMTPResponseException as e:
-    out = {"status": "response", "code": e.smtp_code, "msg": text(e.smtp_error)}
-except (smtplib.SMTPException, OSError) as e:
-    out = {"status": "disconnected", "msg": repr(e)}
-print(json.dumps(out))
 "#;
 
-/// What one smtplib run did.
-struct Sent {
-    /// `ok`, `data`, `sender`, `rcpts`, `response` or `disconnected`.
-    status: String,
-    code: u16,
-    msg: String,
-    /// Recipients refused, as `address -> "code text"`, sorted.
-    refused: Vec<(String, String)>,
-    /// The exact message bytes smtplib was given.
-    data: Vec<u8>,
-}
-
-impl std::fmt::Debug for Sent {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "smtplib {} {} {:?} refused {:?} ({} bytes)",
-            self.status,
-            self.code,
-            self.msg,
-            self.refused,
-            self.data.len()
-        )
-    }
-}
-
-impl Sent {
-    /// The reply smtplib got, as the guard wrote it (`code text\r\n`).
-    fn reply(&self) -> String {
-        format!("{} {}\r\n", self.code, self.msg)
-    }
-}
-
-/// Sends one message with smtplib (bounded: smtplib's own 20 s timeout, and a kill after 60 s).
+/// Sends one message with smtplib.
 #[track_caller]
 fn smtplib(addr: SocketAddr, from: &str, rcpts: &[&str], spec: Value) -> Sent {
-    let dir = TempDir::new();
-    let dump = dir.path.join("sent.eml");
-    let out_path = dir.path.join("stdout.json");
-    let err_path = dir.path.join("stderr.txt");
-    let mut child = Command::new("python3")
-        .arg("-c")
-        .arg(SMTPLIB)
-        .arg(addr.port().to_string())
-        .arg(from)
-        .arg(rcpts.join(","))
-        .arg(spec.to_string())
-        .arg(&dump)
-        .stdin(Stdio::null())
-        .stdout(File::create(&out_path).unwrap())
-        .stderr(File::create(&err_path).unwrap())
-        .spawn()
-        .expect("python3 is needed by this test");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for python3") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("python3 smtplib still running after 60 s");
-        }
-        thread::sleep(Duration::from_millis(10));
-    };
-    let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
-    let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
-    assert!(status.success(), "python3 failed ({status}): {stderr}");
-    let v: Value = serde_json::from_str(stdout.trim())
-        .unwrap_or_else(|e| panic!("smtplib output {stdout:?}: {e}; stderr {stderr}"));
-    let mut refused: Vec<(String, String)> = v["refused"]
-        .as_object()
-        .map(|m| {
-            m.iter()
-                .map(|(k, r)| {
-                    (
-                        k.clone(),
-                        format!("{} {}", r[0], r[1].as_str().unwrap_or("")),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    refused.sort();
-    Sent {
-        status: v["status"].as_str().unwrap_or_default().to_string(),
-        code: v["code"].as_u64().unwrap_or(0) as u16,
-        msg: v["msg"].as_str().unwrap_or_default().to_string(),
-        refused,
-        data: std::fs::read(&dump).expect("the bytes smtplib sent"),
-    }
+    smtplib_client::send(
+        SMTPLIB,
+        addr,
+        from,
+        &rcpts.join(","),
+        &spec,
+        "envelope rules",
+    )
 }
 
 /// smtplib's message passed and is the upstream's message number `n` (1-based), intact.
@@ -260,7 +160,7 @@ fn sender_max_length_refuses_one_byte_over() {
 
     let s = smtplib(g.addr, &over, &[TO], json!({}));
     assert_eq!(
-        (s.status.as_str(), s.reply()),
+        (s.status.as_str(), s.reply_line()),
         ("sender", SENDER_TOO_LONG.into())
     );
     let s = smtplib(g.addr, &at, &[TO], json!({}));
@@ -307,7 +207,7 @@ fn sender_deny_matches_exact_domain_and_subdomain_patterns() {
 
     let s = smtplib(g.addr, "someone@spam.test", &[TO], json!({}));
     assert_eq!(
-        (s.status.as_str(), s.reply()),
+        (s.status.as_str(), s.reply_line()),
         ("sender", SENDER_REJECTED.into())
     );
     assert!(up.messages().is_empty());
@@ -346,7 +246,7 @@ fn sender_allow_lets_bounces_through() {
     assert!(contains(&m.mail_from, b"FROM:<>"), "{}", show(&m.mail_from));
     let s = smtplib(g.addr, "x@other.test", &[TO], json!({}));
     assert_eq!(
-        (s.status.as_str(), s.reply()),
+        (s.status.as_str(), s.reply_line()),
         ("sender", SENDER_REJECTED.into())
     );
     assert_eq!(up.messages().len(), 2);
@@ -624,7 +524,7 @@ fn rate_per_ip_connections_refuses_before_the_banner() {
     // A real client sees it as the greeting.
     let s = smtplib(g.addr, FROM, &[TO], json!({}));
     assert_eq!(
-        (s.status.as_str(), s.reply()),
+        (s.status.as_str(), s.reply_line()),
         ("response", CONNECTION_RATE.into())
     );
     assert_eq!(
@@ -658,7 +558,7 @@ fn rate_per_ip_messages_counts_mail_commands() {
     // The count is per client address, over its connections.
     let s = smtplib(g.addr, FROM, &[TO], json!({}));
     assert_eq!(
-        (s.status.as_str(), s.reply()),
+        (s.status.as_str(), s.reply_line()),
         ("sender", MESSAGE_RATE.into())
     );
     let s = smtplib(g.addr, FROM, &[TO], json!({ "source": "127.0.0.2" }));
@@ -687,7 +587,7 @@ fn rate_per_sender_counts_each_address_from_any_host() {
     assert_smtplib_delivered(&up, 1, &s);
     let s = smtplib(g.addr, "b@x.test", &[TO], json!({}));
     assert_eq!(
-        (s.status.as_str(), s.reply()),
+        (s.status.as_str(), s.reply_line()),
         ("sender", MESSAGE_RATE.into())
     );
     assert_eq!(mail_commands(&up), 4, "{}", show_lines(&up.commands()));
