@@ -12,6 +12,7 @@ pub mod guard;
 pub mod io;
 pub mod logging;
 pub mod metrics;
+pub mod pool;
 pub mod proto;
 pub mod relay;
 pub mod tally;
