@@ -191,7 +191,8 @@ struct Backend {
     tried: Tried,
     /// The backend of the last connect, for the ring and the session's log line.
     addr: Option<SocketAddr>,
-    /// Nothing was received from or sent to the current upstream connection.
+    /// Nothing was received from the current upstream connection, nor sent to it beyond what
+    /// the engine sends on every connect (so a replacement connection gets the same).
     quiet: bool,
 }
 
@@ -322,6 +323,7 @@ impl Proxy for GuardSession {
         });
     }
     fn on_upstream_connected(&mut self, now: Instant, out: &mut Vec<Action>) {
+        // Not through `step`: what the engine sends on connect leaves the connection quiet.
         if let (Some(pool), Some(lease)) = (&self.backend.pool, &self.backend.lease) {
             pool.mark_connected(lease.index());
         }

@@ -183,7 +183,11 @@ impl Pool {
 
     /// A connect to backend `i` succeeded: a mark left by earlier failures no longer holds.
     pub fn mark_connected(&self, i: usize) {
-        self.backends[i].down_until_ms.store(0, Ordering::Relaxed);
+        let mark = &self.backends[i].down_until_ms;
+        // Load first: a store on every connect would bounce the line between the workers.
+        if mark.load(Ordering::Relaxed) != 0 {
+            mark.store(0, Ordering::Relaxed);
+        }
     }
 
     /// Records the outcome of an active check of backend `i`.

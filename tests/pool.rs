@@ -7,6 +7,7 @@
 //! The backends are recording upstreams on loopback; `/metrics` is read with curl.
 
 mod common;
+mod ops_common;
 
 use common::*;
 use std::collections::HashSet;
@@ -173,6 +174,48 @@ fn a_refusing_backend_is_skipped_unnoticed_and_marked_down() {
         )
         .is_some_and(|n| n >= 1.0)),
         "the refused connect was not counted"
+    );
+}
+
+#[test]
+fn check_prints_the_pool_keys_and_bad_lists_are_one_line_errors() {
+    let dir = TempDir::new();
+    let good = dir.write(
+        "good.toml",
+        b"upstream = [\"127.0.0.1:25\", \"[::1]:26\"]\nupstream_balance = \"least-sessions\"\n\
+          upstream_check_interval = 3\n",
+    );
+    let (status, out, err) =
+        ops_common::run_to_exit(&["check".into(), "--config".into(), path_str(&good)]);
+    assert!(status.success(), "{err}");
+    for line in [
+        "#   upstream = [\"127.0.0.1:25\", \"[::1]:26\"]",
+        "#   upstream_balance = \"least-sessions\"",
+        "#   upstream_fail_timeout = 10",
+        "#   upstream_check_interval = 3",
+    ] {
+        assert!(out.lines().any(|l| l == line), "no `{line}` in {out}");
+    }
+    let bad = dir.write("bad.toml", b"upstream_balance = \"random\"\n");
+    let (status, err) = run_to_exit(&["check", "--config", &path_str(&bad)]);
+    assert_one_line_failure(status, &err);
+    assert!(
+        err.contains("bad.toml:1:20: `random` is not an upstream balance"),
+        "{err}"
+    );
+    let (status, err) = run_to_exit(&[
+        "--listen",
+        "127.0.0.1:1",
+        "--upstream",
+        "127.0.0.1:25",
+        "--upstream",
+        "127.0.0.1:25",
+    ]);
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert_one_line_failure(status, &err);
+    assert!(
+        err.contains("upstream 127.0.0.1:25 is listed twice"),
+        "{err}"
     );
 }
 
