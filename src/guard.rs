@@ -381,8 +381,6 @@ pub struct SessionFactory {
     policy: Arc<Policy>,
     /// This worker's rate table (limits are per host, and per worker within it).
     rates: Arc<Mutex<Rates>>,
-    /// Where sessions are relayed to, for their log line.
-    upstream: Option<SocketAddr>,
     /// The backends each connect picks from (without it, the ring's configured upstream).
     pool: Option<Arc<Pool>>,
     /// What ended sessions decided, owned by this worker; copied to `published` each tick.
@@ -404,17 +402,10 @@ impl SessionFactory {
             generation,
             policy,
             rates: Arc::new(Mutex::new(Rates::new(RATE_TABLE_KEYS))),
-            upstream: None,
             pool: None,
             totals: EngineTotals::default(),
             published: Arc::new(Mutex::new(EngineTotals::default())),
         }
-    }
-
-    /// Names the upstream in session log lines.
-    pub fn with_upstream(mut self, upstream: SocketAddr) -> SessionFactory {
-        self.upstream = Some(upstream);
-        self
     }
 
     /// Picks the upstream of every connect from `pool`.
@@ -486,7 +477,7 @@ impl ProxyFactory for SessionFactory {
         self.totals.count(counters, end);
         tally::log_session_end(&SessionReport {
             client: session.peer,
-            upstream: session.backend.addr.or(self.upstream),
+            upstream: session.backend.addr,
             duration: now.saturating_duration_since(session.started),
             generation: session.generation,
             counters,

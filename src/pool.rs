@@ -229,7 +229,7 @@ impl Pool {
         let thread = std::thread::Builder::new()
             .name("mailguard-check".to_string())
             .spawn(move || loop {
-                pool.check_all(interval, &host);
+                pool.check_all(interval, &host, &stopped);
                 match stopped.recv_timeout(interval) {
                     Err(mpsc::RecvTimeoutError::Timeout) => {}
                     _ => return,
@@ -241,10 +241,14 @@ impl Pool {
         })
     }
 
-    fn check_all(&self, interval: Duration, host: &str) {
+    fn check_all(&self, interval: Duration, host: &str, stopped: &mpsc::Receiver<()>) {
         // One check must not outlast its interval, nor hang on a backend that never answers.
         let timeout = interval.clamp(Duration::from_millis(100), Duration::from_secs(5));
         for i in 0..self.backends.len() {
+            // A stopping server waits for one backend's check at most, not for the round.
+            if let Err(mpsc::TryRecvError::Disconnected) = stopped.try_recv() {
+                return;
+            }
             match smtp_check(self.backends[i].addr, host, timeout) {
                 Ok(()) => self.set_check(i, true, ""),
                 Err(why) => self.set_check(i, false, &why),
