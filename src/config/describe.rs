@@ -1,6 +1,6 @@
 //! A policy as an operator reads it: every key with its value and its default (what
-//! `mailguard check` prints), and the keys that differ between two policies (what a reload
-//! logs).
+//! `mailguard check` prints, after the config file's settings), and the keys that differ
+//! between two policies (what a reload logs).
 //!
 //! Owns only presentation: values are written the way a policy file writes them, so the
 //! printed policy parses back to the same policy. It must not parse or validate (that is
