@@ -147,6 +147,18 @@ fn warn_restart_only(old: &Setup, new: &Setup) {
     let differs = [
         ("listen", old.listen != new.listen),
         ("upstream", old.upstream != new.upstream),
+        (
+            "upstream_balance",
+            old.upstream_balance != new.upstream_balance,
+        ),
+        (
+            "upstream_fail_timeout",
+            old.upstream_fail_timeout != new.upstream_fail_timeout,
+        ),
+        (
+            "upstream_check_interval",
+            old.upstream_check_interval != new.upstream_check_interval,
+        ),
         ("threads", old.threads != new.threads),
         ("metrics", old.metrics != new.metrics),
         ("log_format", old.log_format != new.log_format),

@@ -1,10 +1,12 @@
-//! The glue between the ring and the engine: the live policy, the connection limits, and the
+//! The glue between the ring and the engine: the live policy, the connection limits, the
 //! factory that gives each accepted connection a [`Session`] holding the policy snapshot
-//! current at accept.
+//! current at accept, and the choice of upstream backend for each connect the engine asks for.
 //!
-//! Owns the policy generation, the per-host connection counts and, per worker, the totals of
-//! what ended sessions decided (published once per second, never shared per event). Must not
-//! touch sockets (the ring's) or SMTP (the engine's).
+//! Owns the policy generation, the per-host connection counts, per worker the totals of what
+//! ended sessions decided (published once per second, never shared per event), and failover:
+//! a backend that refuses the connect, or closes before sending a byte, is marked down in the
+//! [`Pool`] and the next one is tried before the engine hears of a failure. Must not touch
+//! sockets (the ring's) or SMTP (the engine's).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -15,9 +17,10 @@ use std::time::Instant;
 use parking_lot::{Mutex, RwLock};
 
 use crate::config::Policy;
+use crate::pool::{Lease, Pool, Tried};
 use crate::proto::rate::{RateKey, Rates};
 use crate::proto::{Refusal, Session};
-use crate::relay::{Action, Proxy, ProxyFactory};
+use crate::relay::{Action, Proxy, ProxyFactory, Side};
 use crate::tally::{self, End, EngineTotals, Event, SessionReport, Watch};
 
 /// The policy in force, replaced as a whole on reload. Readers look at the generation (one
@@ -174,6 +177,68 @@ pub struct GuardSession {
     trace_decisions: bool,
     /// The server asked it to end (a drain).
     draining: bool,
+    /// Which backend the upstream connection goes to.
+    backend: Backend,
+}
+
+/// The upstream side as the pool sees it: which backend the current connect attempt is on,
+/// which ones it already tried, and whether the connection has carried a byte yet.
+#[derive(Debug, Default)]
+struct Backend {
+    pool: Option<Arc<Pool>>,
+    /// Held while an upstream connection is open or being opened (least-sessions counts it).
+    lease: Option<Lease>,
+    tried: Tried,
+    /// The backend of the last connect, for the ring and the session's log line.
+    addr: Option<SocketAddr>,
+    /// Nothing was received from the current upstream connection, nor sent to it beyond what
+    /// the engine sends on every connect (so a replacement connection gets the same).
+    quiet: bool,
+}
+
+impl Backend {
+    /// Leases the next backend of this connect attempt; false once all were tried.
+    fn next(&mut self, now: Instant) -> bool {
+        self.lease = None;
+        let Some(pool) = &self.pool else {
+            return false;
+        };
+        let Some(i) = pool.pick(self.tried, now) else {
+            return false;
+        };
+        self.tried.add(i);
+        self.addr = Some(pool.addr(i));
+        self.lease = Some(pool.lease(i));
+        self.quiet = true;
+        true
+    }
+
+    /// The current backend failed before carrying a byte: marks it down and leases the next
+    /// untried one. False when there is none (the engine must hear of the failure).
+    fn fail_over(&mut self, now: Instant) -> bool {
+        let Some(lease) = self.lease.take() else {
+            return false;
+        };
+        if let Some(pool) = &self.pool {
+            pool.mark_failed(lease.index(), now);
+        }
+        self.next(now)
+    }
+
+    /// Follows what the engine asked of the upstream in `actions`.
+    fn follow(&mut self, actions: &[Action], now: Instant) {
+        for action in actions {
+            match action {
+                Action::Connect => {
+                    self.tried = Tried::default();
+                    self.next(now);
+                }
+                Action::CloseUpstream | Action::Close => self.lease = None,
+                Action::Send(Side::Upstream, chunk) if !chunk.is_empty() => self.quiet = false,
+                Action::Send(..) => {}
+            }
+        }
+    }
 }
 
 impl GuardSession {
@@ -188,6 +253,7 @@ impl GuardSession {
             upstream_bytes: 0,
             end: None,
             draining: false,
+            backend: Backend::default(),
             trace_decisions: tracing::enabled!(
                 target: "mailguard::decision",
                 tracing::Level::DEBUG
@@ -215,16 +281,20 @@ impl GuardSession {
     fn step(
         &mut self,
         event: Event,
+        now: Instant,
         out: &mut Vec<Action>,
         call: impl FnOnce(&mut Session, &mut Vec<Action>),
     ) {
+        let from = out.len();
         if self.end.is_some() {
             call(&mut self.inner, out);
+            self.backend.follow(&out[from..], now);
             return;
         }
         let before = Watch::of(self.inner.counters());
         let snapshot = self.trace_decisions.then(|| *self.inner.counters());
         call(&mut self.inner, out);
+        self.backend.follow(&out[from..], now);
         if let Some(snapshot) = snapshot {
             tally::log_decisions(self.peer, &snapshot, self.inner.counters());
         }
@@ -237,43 +307,66 @@ impl GuardSession {
 
 impl Proxy for GuardSession {
     fn start(&mut self, now: Instant, out: &mut Vec<Action>) {
-        self.step(Event::Start, out, |s, out| s.start(now, out));
+        self.step(Event::Start, now, out, |s, out| s.start(now, out));
     }
     fn on_client(&mut self, data: &[u8], now: Instant, out: &mut Vec<Action>) {
         self.client_bytes += data.len() as u64;
-        self.step(Event::Client, out, |s, out| s.on_client(data, now, out));
+        self.step(Event::Client, now, out, |s, out| {
+            s.on_client(data, now, out)
+        });
     }
     fn on_upstream(&mut self, data: &[u8], now: Instant, out: &mut Vec<Action>) {
         self.upstream_bytes += data.len() as u64;
-        self.step(Event::Upstream, out, |s, out| s.on_upstream(data, now, out));
+        self.backend.quiet &= data.is_empty();
+        self.step(Event::Upstream, now, out, |s, out| {
+            s.on_upstream(data, now, out)
+        });
     }
     fn on_upstream_connected(&mut self, now: Instant, out: &mut Vec<Action>) {
+        // Not through `step`: what the engine sends on connect leaves the connection quiet.
+        if let (Some(pool), Some(lease)) = (&self.backend.pool, &self.backend.lease) {
+            pool.mark_connected(lease.index());
+        }
         self.inner.on_upstream_connected(now, out);
     }
     fn on_upstream_failed(&mut self, now: Instant, out: &mut Vec<Action>) {
-        self.step(Event::UpstreamFailed, out, |s, out| {
+        if self.backend.fail_over(now) {
+            out.push(Action::Connect);
+            return;
+        }
+        self.step(Event::UpstreamFailed, now, out, |s, out| {
             s.on_upstream_failed(now, out)
         });
     }
     fn on_client_closed(&mut self, now: Instant, out: &mut Vec<Action>) {
-        self.step(Event::ClientClosed, out, |s, out| {
+        self.step(Event::ClientClosed, now, out, |s, out| {
             s.on_client_closed(now, out)
         });
     }
     fn on_upstream_closed(&mut self, now: Instant, out: &mut Vec<Action>) {
-        self.step(Event::UpstreamClosed, out, |s, out| {
+        // Closed before a single byte either way: refused before the banner, so nothing of
+        // the session was lost and another backend can take it unnoticed.
+        if self.backend.quiet && self.backend.fail_over(now) {
+            out.extend([Action::CloseUpstream, Action::Connect]);
+            return;
+        }
+        self.backend.lease = None;
+        self.step(Event::UpstreamClosed, now, out, |s, out| {
             s.on_upstream_closed(now, out)
         });
     }
     fn deadline(&self) -> Option<Instant> {
         self.inner.deadline()
     }
+    fn upstream_addr(&self) -> Option<SocketAddr> {
+        self.backend.addr
+    }
     fn on_timeout(&mut self, now: Instant, out: &mut Vec<Action>) {
-        self.step(Event::Timeout, out, |s, out| s.on_timeout(now, out));
+        self.step(Event::Timeout, now, out, |s, out| s.on_timeout(now, out));
     }
     fn on_shutdown(&mut self, force: bool, now: Instant, out: &mut Vec<Action>) {
         self.draining = true;
-        self.step(Event::Shutdown, out, |s, out| {
+        self.step(Event::Shutdown, now, out, |s, out| {
             s.on_shutdown(force, now, out)
         });
     }
@@ -288,8 +381,8 @@ pub struct SessionFactory {
     policy: Arc<Policy>,
     /// This worker's rate table (limits are per host, and per worker within it).
     rates: Arc<Mutex<Rates>>,
-    /// Where sessions are relayed to, for their log line.
-    upstream: Option<SocketAddr>,
+    /// The backends each connect picks from (without it, the ring's configured upstream).
+    pool: Option<Arc<Pool>>,
     /// What ended sessions decided, owned by this worker; copied to `published` each tick.
     totals: EngineTotals,
     published: Arc<Mutex<EngineTotals>>,
@@ -309,15 +402,15 @@ impl SessionFactory {
             generation,
             policy,
             rates: Arc::new(Mutex::new(Rates::new(RATE_TABLE_KEYS))),
-            upstream: None,
+            pool: None,
             totals: EngineTotals::default(),
             published: Arc::new(Mutex::new(EngineTotals::default())),
         }
     }
 
-    /// Names the upstream in session log lines.
-    pub fn with_upstream(mut self, upstream: SocketAddr) -> SessionFactory {
-        self.upstream = Some(upstream);
+    /// Picks the upstream of every connect from `pool`.
+    pub fn with_pool(mut self, pool: Arc<Pool>) -> SessionFactory {
+        self.pool = Some(pool);
         self
     }
 
@@ -341,6 +434,7 @@ impl SessionFactory {
     ) -> GuardSession {
         let mut session = GuardSession::new(inner, permit, peer, now);
         session.generation = self.generation;
+        session.backend.pool = self.pool.clone();
         session
     }
 }
@@ -383,7 +477,7 @@ impl ProxyFactory for SessionFactory {
         self.totals.count(counters, end);
         tally::log_session_end(&SessionReport {
             client: session.peer,
-            upstream: self.upstream,
+            upstream: session.backend.addr,
             duration: now.saturating_duration_since(session.started),
             generation: session.generation,
             counters,

@@ -2,9 +2,10 @@
 //!
 //! `proto` is the sans-IO SMTP engine, `io` the thread-per-core io_uring ring that drives it,
 //! `config` the policy and the config file, and `relay` the vocabulary the engine and the ring
-//! share. Around them: `guard` (live policy, session factory), `tally` (what sessions decided,
-//! per worker), and the operations side: `control` (signals), `metrics` (Prometheus) and
-//! `logging` (tracing to stderr).
+//! share. Around them: `guard` (live policy, session factory, backend choice), `pool` (the
+//! upstream backends and their health), `tally` (what sessions decided, per worker), and the
+//! operations side: `control` (signals), `metrics` (Prometheus) and `logging` (tracing to
+//! stderr).
 
 pub mod config;
 pub mod control;
@@ -12,6 +13,7 @@ pub mod guard;
 pub mod io;
 pub mod logging;
 pub mod metrics;
+pub mod pool;
 pub mod proto;
 pub mod relay;
 pub mod tally;

@@ -19,6 +19,7 @@ use mailguard::control::{self, Control, Notifier, Reloader};
 use mailguard::guard::{Connections, LivePolicy, SessionFactory};
 use mailguard::io::{self, RingConfig};
 use mailguard::metrics::{self, Sources};
+use mailguard::pool::{self, Balance, Pool};
 use mailguard::tally::EngineTotals;
 
 /// Drain timeout without `--drain-timeout` or `drain_timeout`.
@@ -60,9 +61,10 @@ struct RunArgs {
     /// Address to accept SMTP clients on: host:port or [v6]:port.
     #[arg(long, value_name = "ADDR", value_parser = config::resolve)]
     listen: Option<SocketAddr>,
-    /// The mail server to relay to: host:port or [v6]:port.
+    /// The mail server to relay to: host:port or [v6]:port. Repeat it for several backends
+    /// (round robin by default; see `upstream_balance` in the config file).
     #[arg(long, value_name = "ADDR", value_parser = config::resolve)]
-    upstream: Option<SocketAddr>,
+    upstream: Vec<SocketAddr>,
     /// Policy file (TOML). Without it (and without a policy in the config) defaults apply.
     #[arg(long, value_name = "FILE")]
     policy: Option<PathBuf>,
@@ -139,7 +141,7 @@ fn check(args: CheckArgs) -> Result<(), Failure> {
     let mut out = String::new();
     if let (Some(path), Some(s)) = (&args.config, &setup) {
         out.push_str(&format!("# config {} is valid\n", path.display()));
-        out.push_str(&describe_setup(s));
+        out.push_str(&describe::setup(s, DEFAULT_DRAIN));
     }
     out.push_str(&format!("# policy from {} is valid\n", source.describe()));
     out.push_str(&describe::render(&policy));
@@ -147,39 +149,13 @@ fn check(args: CheckArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-fn describe_setup(s: &Setup) -> String {
-    let addr = |a: Option<SocketAddr>, default: &str| {
-        a.map_or_else(|| default.to_string(), |a| format!("\"{a}\""))
-    };
-    let lines = [
-        format!("listen = {}", addr(s.listen, "unset (--listen required)")),
-        format!(
-            "upstream = {}",
-            addr(s.upstream, "unset (--upstream required)")
-        ),
-        format!(
-            "threads = {}",
-            s.threads
-                .map_or_else(|| "unset (available cores)".to_string(), |t| t.to_string())
-        ),
-        format!("metrics = {}", addr(s.metrics, "unset (off)")),
-        format!(
-            "log_format = \"{}\"",
-            s.log_format.unwrap_or(LogFormat::Human)
-        ),
-        format!("log_level = \"{}\"", s.log_level.unwrap_or(LogLevel::Info)),
-        format!(
-            "drain_timeout = {}",
-            s.drain_timeout.unwrap_or(DEFAULT_DRAIN).as_secs()
-        ),
-    ];
-    lines.iter().map(|l| format!("#   {l}\n")).collect()
-}
-
 /// The settings in force: flags over the config file over defaults.
 struct Effective {
     listen: SocketAddr,
-    upstream: SocketAddr,
+    upstream: Vec<SocketAddr>,
+    balance: Balance,
+    fail_timeout: Duration,
+    check_interval: Duration,
     threads: usize,
     metrics: Option<SocketAddr>,
     log_format: LogFormat,
@@ -199,10 +175,12 @@ fn effective(args: &RunArgs, setup: Option<&Setup>) -> Result<Effective, Failure
         .listen
         .or(setup.and_then(|s| s.listen))
         .ok_or_else(|| missing("listen", "listen"))?;
-    let upstream = args
-        .upstream
-        .or(setup.and_then(|s| s.upstream))
-        .ok_or_else(|| missing("upstream", "upstream"))?;
+    let upstream = match (&args.upstream, setup) {
+        (flags, _) if !flags.is_empty() => flags.clone(),
+        (_, Some(s)) if !s.upstream.is_empty() => s.upstream.clone(),
+        _ => return Err(missing("upstream", "upstream")),
+    };
+    config::check_backends(&upstream).map_err(Failure::Usage)?;
     let threads = args.threads.or(setup.and_then(|s| s.threads)).map_or_else(
         || std::thread::available_parallelism().map_or(1, |n| n.get()),
         usize::from,
@@ -210,6 +188,13 @@ fn effective(args: &RunArgs, setup: Option<&Setup>) -> Result<Effective, Failure
     Ok(Effective {
         listen,
         upstream,
+        balance: setup.and_then(|s| s.upstream_balance).unwrap_or_default(),
+        fail_timeout: setup
+            .and_then(|s| s.upstream_fail_timeout)
+            .unwrap_or(config::DEFAULT_FAIL_TIMEOUT),
+        check_interval: setup
+            .and_then(|s| s.upstream_check_interval)
+            .unwrap_or(Duration::ZERO),
         threads,
         metrics: args.metrics.or(setup.and_then(|s| s.metrics)),
         log_format: args
@@ -232,7 +217,8 @@ fn effective(args: &RunArgs, setup: Option<&Setup>) -> Result<Effective, Failure
 
 /// The ring sizes: built-in defaults, overridden by the config file's `[ring]` table.
 fn ring_config(eff: &Effective) -> RingConfig {
-    let mut config = RingConfig::new(eff.threads, eff.upstream);
+    // Every session names its backend; this one only serves a session that names none.
+    let mut config = RingConfig::new(eff.threads, eff.upstream[0]);
     config.ring_entries = eff.ring.entries.unwrap_or(config.ring_entries);
     config.buf_count = eff.ring.buffers.unwrap_or(config.buf_count);
     config.buf_size = eff.ring.buffer_size.unwrap_or(config.buf_size);
@@ -267,19 +253,25 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     let totals: Vec<Arc<Mutex<EngineTotals>>> = (0..eff.threads)
         .map(|_| Arc::new(Mutex::new(EngineTotals::default())))
         .collect();
-    let (factory_live, factory_totals, upstream) =
-        (Arc::clone(&live), totals.clone(), eff.upstream);
+    let pool = Pool::new(&eff.upstream, eff.balance, eff.fail_timeout);
+    let (factory_live, factory_totals, factory_pool) =
+        (Arc::clone(&live), totals.clone(), Arc::clone(&pool));
     let factory_connections = Arc::clone(&connections);
     let server = io::serve(listener, ring_config(&eff), move |i| {
         SessionFactory::new(Arc::clone(&factory_live), Arc::clone(&factory_connections))
-            .with_upstream(upstream)
+            .with_pool(Arc::clone(&factory_pool))
             .with_totals(Arc::clone(&factory_totals[i]))
     })?;
+    let checker = (!eff.check_interval.is_zero())
+        .then(|| pool.spawn_checker(eff.check_interval, pool::host_name()))
+        .transpose()
+        .map_err(|e| format!("cannot start the upstream check: {e}"))?;
     let sources = Sources {
         ring: server.stats_handle(),
         engine: totals,
         live: Arc::clone(&live),
         connections,
+        pool: Some(Arc::clone(&pool)),
         server: server.handle(),
         started: SystemTime::now(),
     };
@@ -288,7 +280,8 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     }
     tracing::info!(
         listen = %eff.listen,
-        upstream = %eff.upstream,
+        upstream = %addr_list(&eff.upstream),
+        upstream_balance = eff.balance.name(),
         workers = eff.threads,
         metrics = %eff.metrics.map_or_else(|| "off".to_string(), |m| m.to_string()),
         policy = %eff.source.describe(),
@@ -313,6 +306,8 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         .spawn(move || control.run())
         .map_err(|e| format!("cannot start the control thread: {e}"))?;
     let result = server.join();
+    // Stops and joins the check thread: nothing outlives the server.
+    drop(checker);
     signal_handle.close();
     let _ = control_thread.join();
     match result {
@@ -322,6 +317,11 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         }
         Err(e) => Err(e.into()),
     }
+}
+
+fn addr_list(addrs: &[SocketAddr]) -> String {
+    let names: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+    names.join(",")
 }
 
 fn logging_init(eff: &Effective) {

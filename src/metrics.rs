@@ -18,6 +18,7 @@ use parking_lot::Mutex;
 
 use crate::guard::{Connections, LivePolicy};
 use crate::io::{ServerHandle, StatsHandle, WorkerStats, CONNECT_BUCKETS_MICROS};
+use crate::pool::{BackendState, Pool};
 use crate::tally::{blocked_verb_name, End, EngineTotals, RULES};
 
 /// Longest request head read; anything longer gets 431 and the connection is closed.
@@ -33,6 +34,8 @@ pub struct Sources {
     pub engine: Vec<Arc<Mutex<EngineTotals>>>,
     pub live: Arc<LivePolicy>,
     pub connections: Arc<Connections>,
+    /// The upstream backends (their open sessions and up/down state are read at scrape).
+    pub pool: Option<Arc<Pool>>,
     pub server: ServerHandle,
     pub started: SystemTime,
 }
@@ -47,6 +50,7 @@ pub struct Snapshot {
     pub reloads_refused: u64,
     pub draining: bool,
     pub start_time: f64,
+    pub backends: Vec<BackendState>,
 }
 
 impl Sources {
@@ -72,6 +76,7 @@ impl Sources {
                 .started
                 .duration_since(UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64()),
+            backends: self.pool.as_ref().map_or_else(Vec::new, |p| p.states()),
         }
     }
 }
@@ -329,6 +334,28 @@ fn upstream(e: &mut Exposition, s: &Snapshot) {
     e.sample(&bucket, &[("le", "+Inf")], h.count());
     e.sample(&format!("{name}_sum"), &[], h.sum_micros as f64 / 1e6);
     e.sample(&format!("{name}_count"), &[], h.count());
+    backends(e, s);
+}
+
+fn backends(e: &mut Exposition, s: &Snapshot) {
+    let name = "mailguard_upstream_backend_sessions";
+    e.family(
+        name,
+        "gauge",
+        "Upstream connections open (or being opened) to each backend.",
+    );
+    for b in &s.backends {
+        e.sample(name, &[("backend", &b.addr.to_string())], b.sessions);
+    }
+    let name = "mailguard_upstream_backend_up";
+    e.family(
+        name,
+        "gauge",
+        "1 while a backend is in rotation, 0 while a failed connect or check marks it down.",
+    );
+    for b in &s.backends {
+        e.sample(name, &[("backend", &b.addr.to_string())], u8::from(b.up));
+    }
 }
 
 fn ring(e: &mut Exposition, s: &Snapshot) {
@@ -511,6 +538,11 @@ mod tests {
             reloads_refused: 1,
             draining: false,
             start_time: 1.5,
+            backends: vec![BackendState {
+                addr: "127.0.0.1:25".parse().unwrap(),
+                sessions: 2,
+                up: false,
+            }],
         }
     }
 

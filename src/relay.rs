@@ -60,8 +60,8 @@ impl Chunk {
 /// What the engine asks the ring to do, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Open a connection to the upstream server. The ring answers with
-    /// [`Proxy::on_upstream_connected`] or [`Proxy::on_upstream_failed`].
+    /// Open a connection to the upstream server ([`Proxy::upstream_addr`] says which). The
+    /// ring answers with [`Proxy::on_upstream_connected`] or [`Proxy::on_upstream_failed`].
     Connect,
     /// Queue bytes for a side; bytes for one side leave in the order they were queued.
     Send(Side, Chunk),
@@ -95,6 +95,11 @@ pub trait Proxy {
     fn deadline(&self) -> Option<Instant>;
     /// The deadline returned by [`Proxy::deadline`] has passed.
     fn on_timeout(&mut self, now: Instant, out: &mut Vec<Action>);
+    /// Where the [`Action::Connect`] being executed goes, asked once per connect, right after
+    /// the call that produced it. `None`: the ring's configured upstream.
+    fn upstream_addr(&self) -> Option<SocketAddr> {
+        None
+    }
     /// The server is shutting down. Without `force` the session should end at its next
     /// quiet point (it may be called again); with `force` it must end now.
     fn on_shutdown(&mut self, force: bool, now: Instant, out: &mut Vec<Action>);

@@ -1,6 +1,6 @@
 //! A policy as an operator reads it: every key with its value and its default (what
-//! `mailguard check` prints), and the keys that differ between two policies (what a reload
-//! logs).
+//! `mailguard check` prints, after the config file's settings), and the keys that differ
+//! between two policies (what a reload logs).
 //!
 //! Owns only presentation: values are written the way a policy file writes them, so the
 //! printed policy parses back to the same policy. It must not parse or validate (that is
@@ -8,7 +8,13 @@
 
 use std::fmt::Write as _;
 
-use super::{BareLf, BlockedReply, Policy, RuleAction, Ruled, StartTls};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::setup::DEFAULT_FAIL_TIMEOUT;
+use super::{
+    BareLf, BlockedReply, LogFormat, LogLevel, Policy, RuleAction, Ruled, Setup, StartTls,
+};
 
 /// One policy key and its value as TOML, or `None` when an optional key is unset.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +29,56 @@ pub struct Change {
     pub key: &'static str,
     pub old: String,
     pub new: String,
+}
+
+/// The settings of a config file as TOML comments (each key with its value, or what applies
+/// when it is unset), for `mailguard check`. `default_drain` is the binary's drain timeout.
+pub fn setup(s: &Setup, default_drain: Duration) -> String {
+    let addr = |a: Option<SocketAddr>, default: &str| {
+        a.map_or_else(|| default.to_string(), |a| format!("\"{a}\""))
+    };
+    let upstream = match s.upstream.as_slice() {
+        [] => "unset (--upstream required)".to_string(),
+        [one] => format!("\"{one}\""),
+        many => {
+            let quoted: Vec<String> = many.iter().map(|a| format!("\"{a}\"")).collect();
+            format!("[{}]", quoted.join(", "))
+        }
+    };
+    let lines = [
+        format!("listen = {}", addr(s.listen, "unset (--listen required)")),
+        format!("upstream = {upstream}"),
+        format!(
+            "upstream_balance = \"{}\"",
+            s.upstream_balance.unwrap_or_default().name()
+        ),
+        format!(
+            "upstream_fail_timeout = {}",
+            s.upstream_fail_timeout
+                .unwrap_or(DEFAULT_FAIL_TIMEOUT)
+                .as_secs()
+        ),
+        format!(
+            "upstream_check_interval = {}",
+            s.upstream_check_interval.unwrap_or_default().as_secs()
+        ),
+        format!(
+            "threads = {}",
+            s.threads
+                .map_or_else(|| "unset (available cores)".to_string(), |t| t.to_string())
+        ),
+        format!("metrics = {}", addr(s.metrics, "unset (off)")),
+        format!(
+            "log_format = \"{}\"",
+            s.log_format.unwrap_or(LogFormat::Human)
+        ),
+        format!("log_level = \"{}\"", s.log_level.unwrap_or(LogLevel::Info)),
+        format!(
+            "drain_timeout = {}",
+            s.drain_timeout.unwrap_or(default_drain).as_secs()
+        ),
+    ];
+    lines.iter().map(|l| format!("#   {l}\n")).collect()
 }
 
 /// Every policy key, in the order of the reference table, with its value.

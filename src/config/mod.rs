@@ -17,5 +17,6 @@ pub use policy::{
     BareLf, BlockedReply, Mode, Policy, PolicyError, RatePerIp, RuleAction, Ruled, StartTls,
 };
 pub use setup::{
-    resolve, LogFormat, LogLevel, PolicySource, RingTuning, Setup, SetupError, MAX_DRAIN_SECS,
+    check_backends, resolve, LogFormat, LogLevel, PolicySource, RingTuning, Setup, SetupError,
+    DEFAULT_FAIL_TIMEOUT, MAX_DRAIN_SECS,
 };

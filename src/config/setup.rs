@@ -17,6 +17,7 @@ use serde::Deserialize;
 
 use super::policy::{line_column, PolicyTable};
 use super::{Policy, PolicyError};
+use crate::pool::{Balance, MAX_BACKENDS};
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -121,12 +122,20 @@ impl PolicySource {
 
 /// The longest drain the config accepts: a day.
 pub const MAX_DRAIN_SECS: u64 = 86_400;
+/// The longest `upstream_fail_timeout` and `upstream_check_interval`: an hour.
+pub const MAX_UPSTREAM_SECS: u64 = 3_600;
+/// `upstream_fail_timeout` when unset.
+pub const DEFAULT_FAIL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A config file as read: every key optional (command-line flags fill or override them).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Setup {
     pub listen: Option<SocketAddr>,
-    pub upstream: Option<SocketAddr>,
+    /// The upstream backends, in order (empty: not set).
+    pub upstream: Vec<SocketAddr>,
+    pub upstream_balance: Option<Balance>,
+    pub upstream_fail_timeout: Option<Duration>,
+    pub upstream_check_interval: Option<Duration>,
     pub threads: Option<u16>,
     pub metrics: Option<SocketAddr>,
     pub log_format: Option<LogFormat>,
@@ -226,7 +235,10 @@ impl Setup {
         };
         Ok(Setup {
             listen: file.listen,
-            upstream: file.upstream,
+            upstream: file.upstream.unwrap_or_default(),
+            upstream_balance: file.upstream_balance,
+            upstream_fail_timeout: file.upstream_fail_timeout.map(Duration::from_secs),
+            upstream_check_interval: file.upstream_check_interval.map(Duration::from_secs),
             threads: file.threads,
             metrics: file.metrics,
             log_format: file.log_format,
@@ -244,8 +256,14 @@ impl Setup {
 struct File {
     #[serde(default, deserialize_with = "address")]
     listen: Option<SocketAddr>,
-    #[serde(default, deserialize_with = "address")]
-    upstream: Option<SocketAddr>,
+    #[serde(default, deserialize_with = "upstreams")]
+    upstream: Option<Vec<SocketAddr>>,
+    #[serde(default, deserialize_with = "balance")]
+    upstream_balance: Option<Balance>,
+    #[serde(default, deserialize_with = "upstream_secs")]
+    upstream_fail_timeout: Option<u64>,
+    #[serde(default, deserialize_with = "upstream_secs")]
+    upstream_check_interval: Option<u64>,
     #[serde(default, deserialize_with = "threads")]
     threads: Option<u16>,
     #[serde(default, deserialize_with = "address")]
@@ -303,6 +321,64 @@ fn address<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Err
     resolve(&s).map(Some).map_err(de::Error::custom)
 }
 
+/// `upstream = "host:port"` or `upstream = ["host:port", ...]`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+fn upstreams<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<SocketAddr>>, D::Error> {
+    let names = match OneOrMany::deserialize(d) {
+        Ok(OneOrMany::One(s)) => vec![s],
+        Ok(OneOrMany::Many(v)) => v,
+        Err(_) => {
+            return Err(de::Error::custom(
+                "upstream is an address or an array of addresses",
+            ))
+        }
+    };
+    let addrs = names
+        .iter()
+        .map(|s| resolve(s))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(de::Error::custom)?;
+    check_backends(&addrs).map_err(de::Error::custom)?;
+    Ok(Some(addrs))
+}
+
+/// A backend list the pool can hold: 1 to [`MAX_BACKENDS`], none twice.
+pub fn check_backends(addrs: &[SocketAddr]) -> Result<(), String> {
+    if addrs.is_empty() || addrs.len() > MAX_BACKENDS {
+        return Err(format!(
+            "upstream takes 1 to {MAX_BACKENDS} addresses, not {}",
+            addrs.len()
+        ));
+    }
+    for (i, a) in addrs.iter().enumerate() {
+        if addrs[..i].contains(a) {
+            return Err(format!("upstream {a} is listed twice"));
+        }
+    }
+    Ok(())
+}
+
+fn balance<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Balance>, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map(Some).map_err(de::Error::custom)
+}
+
+fn upstream_secs<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let n = u64::deserialize(d)?;
+    if n > MAX_UPSTREAM_SECS {
+        return Err(de::Error::custom(format!(
+            "upstream_fail_timeout and upstream_check_interval are 0 to {MAX_UPSTREAM_SECS} seconds, not {n}"
+        )));
+    }
+    Ok(Some(n))
+}
+
 fn threads<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
     let n = u64::deserialize(d)?;
     match u16::try_from(n) {
@@ -349,7 +425,7 @@ max_recipients = 9
         )
         .expect("valid");
         assert_eq!(s.listen, Some("127.0.0.1:2525".parse().unwrap()));
-        assert_eq!(s.upstream, Some("[::1]:25".parse().unwrap()));
+        assert_eq!(s.upstream, vec!["[::1]:25".parse().unwrap()]);
         assert_eq!(s.threads, Some(3));
         assert_eq!(s.metrics, Some("127.0.0.1:9425".parse().unwrap()));
         assert_eq!(s.log_format, Some(LogFormat::Json));
@@ -435,6 +511,32 @@ max_recipients = 9
                 .starts_with("c.toml:2:1: unknown field `queue`"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn upstream_pool_keys() {
+        let s = parse(
+            "upstream = [\"127.0.0.1:25\", \"[::1]:26\"]\nupstream_balance = \"least-sessions\"\n\
+             upstream_fail_timeout = 3\nupstream_check_interval = 7\n",
+        )
+        .expect("valid");
+        assert_eq!(s.upstream.len(), 2);
+        assert_eq!(s.upstream_balance, Some(Balance::LeastSessions));
+        assert_eq!(s.upstream_fail_timeout, Some(Duration::from_secs(3)));
+        assert_eq!(s.upstream_check_interval, Some(Duration::from_secs(7)));
+        let e = parse("upstream = []").unwrap_err();
+        assert!(e.starts_with("c.toml:1:12: upstream takes 1 to 64"), "{e}");
+        let e = parse("upstream = [\"127.0.0.1:25\", \"127.0.0.1:25\"]").unwrap_err();
+        assert!(e.contains("listed twice"), "{e}");
+        let e = parse("upstream = 25").unwrap_err();
+        assert!(
+            e.starts_with("c.toml:1:12: upstream is an address or an array"),
+            "{e}"
+        );
+        let e = parse("upstream_balance = \"random\"").unwrap_err();
+        assert!(e.starts_with("c.toml:1:20: `random` is not"), "{e}");
+        let e = parse("upstream_fail_timeout = 99999").unwrap_err();
+        assert!(e.starts_with("c.toml:1:25: upstream_fail_timeout"), "{e}");
     }
 
     #[test]

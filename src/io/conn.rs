@@ -155,6 +155,8 @@ struct Sock {
     send_busy: bool,
     cancel_all_sent: bool,
     out: OutQueue,
+    /// Where an upstream socket connects to (the connect entry points into it).
+    target: Option<Box<SockAddr>>,
 }
 
 impl Sock {
@@ -174,6 +176,7 @@ impl Sock {
             send_busy: false,
             cancel_all_sent: false,
             out: OutQueue::default(),
+            target: None,
         }
     }
 
@@ -234,11 +237,12 @@ impl Sock {
         }
     }
 
-    fn connect(&mut self, id: SlotId, cx: &mut Cx) {
-        let addr: &SockAddr = &cx.upstream;
-        // The kernel copies the address when it prepares the request; `cx.upstream` is boxed and
-        // outlives every queued entry anyway.
-        let entry = opcode::Connect::new(self.fd(), addr.as_ptr().cast(), addr.len())
+    fn connect(&mut self, id: SlotId, cx: &mut Cx, addr: Box<SockAddr>) {
+        // The kernel copies the address when it prepares the request, which may be after this
+        // call returns; the box lives in this Sock, which outlives every queued entry of it.
+        let addr: &SockAddr = self.target.insert(addr);
+        let (ptr, len) = (addr.as_ptr(), addr.len());
+        let entry = opcode::Connect::new(self.fd(), ptr.cast(), len)
             .build()
             .user_data(self.token(id, Op::Connect));
         self.submit(cx, entry);
@@ -579,14 +583,18 @@ impl<S: Proxy> Conn<S> {
     fn connect(&mut self, id: SlotId, cx: &mut Cx) {
         // A live upstream here is an engine bug; dropping it keeps one upstream per session.
         self.retire(Side::Upstream, id, cx);
-        let Ok(socket) = upstream_socket(&cx.upstream) else {
+        let target = match self.session.upstream_addr() {
+            Some(addr) => Box::new(SockAddr::from(addr)),
+            None => cx.upstream.clone(),
+        };
+        let Ok(socket) = upstream_socket(&target) else {
             self.connect_failed = true;
             return;
         };
         // Epochs run 1..=EPOCH_MASK so they differ from the client socket's 0.
         self.next_epoch = self.next_epoch % EPOCH_MASK + 1;
         let mut sock = Sock::new(socket, Side::Upstream, self.next_epoch, State::Connecting);
-        sock.connect(id, cx);
+        sock.connect(id, cx, target);
         self.connect_started = cx.now;
         self.upstream = Some(sock);
     }

@@ -193,6 +193,8 @@ pub enum EndOfData {
 pub struct UpstreamOptions {
     /// Greeting lines (text after `220-`/`220 `).
     pub banner: Vec<String>,
+    /// The greeting's reply code (220 unless a test wants a refusing server, e.g. 554).
+    pub banner_code: u16,
     /// EHLO keyword lines after the domain line.
     pub ehlo_keywords: Vec<String>,
     /// Close every connection right after accepting it, without a banner.
@@ -271,6 +273,7 @@ impl Default for UpstreamOptions {
     fn default() -> Self {
         UpstreamOptions {
             banner: vec![BANNER.to_string()],
+            banner_code: 220,
             ehlo_keywords: KEYWORDS.iter().map(|s| s.to_string()).collect(),
             close_on_accept: false,
             reply_delay: Duration::ZERO,
@@ -690,7 +693,8 @@ impl Peer {
         let mut banner = Vec::new();
         for (i, l) in opts.banner.iter().enumerate() {
             let sep = if i + 1 == opts.banner.len() { ' ' } else { '-' };
-            banner.extend_from_slice(format!("220{sep}{l}\r\n").as_bytes());
+            let code = opts.banner_code;
+            banner.extend_from_slice(format!("{code}{sep}{l}\r\n").as_bytes());
         }
         self.reply_raw(&banner)?;
         let mut txn = Txn::default();
