@@ -13,5 +13,6 @@ pub mod io;
 pub mod logging;
 pub mod metrics;
 pub mod proto;
+pub mod proxy_header;
 pub mod relay;
 pub mod tally;

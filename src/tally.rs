@@ -140,7 +140,7 @@ fn plain_end(event: Event, before: Watch, after: Watch) -> End {
 }
 
 /// Policy decisions other than blocked verbs, by the `rule` label they carry.
-pub const RULES: [&str; 27] = [
+pub const RULES: [&str; 28] = [
     "banner_masked",
     "extension_removed",
     "recipients_over_limit",
@@ -160,6 +160,7 @@ pub const RULES: [&str; 27] = [
     "invalid_recipients_limit",
     "rate_limited",
     "early_talker",
+    "identity_unsent",
     "header_size",
     "header_line_length",
     "deny_header",
@@ -192,6 +193,7 @@ pub fn rule_counts(c: &Counters) -> [u32; RULES.len()] {
         c.invalid_recipients_limit,
         c.rate_limited,
         c.early_talkers,
+        c.identity_unsent,
         c.content[0],
         c.content[1],
         c.content[2],

@@ -116,6 +116,7 @@ pub fn settings(p: &Policy) -> Vec<Setting> {
             "reject_unauth_pipelining",
             p.reject_unauth_pipelining.to_string(),
         ),
+        set("upstream_identity", quote(p.upstream_identity.name())),
     ]
 }
 
@@ -262,6 +263,7 @@ rate_per_ip = { connections = 60, messages = 30 }
 rate_per_sender = 20
 pregreet_wait_ms = 1500
 reject_unauth_pipelining = true
+upstream_identity = "xclient"
 "#;
 
     #[test]
