@@ -36,13 +36,15 @@ pub enum End {
     ClosedByGuard,
     /// Refused before any banner (connection limits or rates).
     Refused,
+    /// A PROXY listener got no valid PROXY protocol header (closed without an SMTP reply).
+    ProxyHeader,
     /// The ring ended it without the session closing (a forced stop).
     Aborted,
 }
 
 impl End {
     /// Every variant, in label order.
-    pub const ALL: [End; 12] = [
+    pub const ALL: [End; 13] = [
         End::Completed,
         End::ClientClosed,
         End::Timeout,
@@ -54,6 +56,7 @@ impl End {
         End::ProtocolError,
         End::ClosedByGuard,
         End::Refused,
+        End::ProxyHeader,
         End::Aborted,
     ];
 
@@ -71,6 +74,7 @@ impl End {
             End::ProtocolError => "protocol_error",
             End::ClosedByGuard => "closed_by_guard",
             End::Refused => "refused",
+            End::ProxyHeader => "proxy_header",
             End::Aborted => "aborted",
         }
     }
