@@ -192,7 +192,7 @@ struct AwaitHeader {
 }
 
 /// What admitting a client needs: the policy it gets, the worker's rate table and the host's
-/// connection counts, and the address clients connect to.
+/// connection counts, and the address the client connected to (the socket's own).
 #[derive(Debug, Clone)]
 struct Gate {
     policy: Arc<Policy>,
@@ -433,8 +433,6 @@ pub struct SessionFactory {
     rates: Arc<Mutex<Rates>>,
     /// Where sessions are relayed to, for their log line.
     upstream: Option<SocketAddr>,
-    /// The listening address: the local address of a client, unless a PROXY header says.
-    local: SocketAddr,
     /// Every connection starts with a PROXY protocol header.
     proxy_protocol: bool,
     /// What ended sessions decided, owned by this worker; copied to `published` each tick.
@@ -457,7 +455,6 @@ impl SessionFactory {
             policy,
             rates: Arc::new(Mutex::new(Rates::new(RATE_TABLE_KEYS))),
             upstream: None,
-            local: SocketAddr::from(([0, 0, 0, 0], 0)),
             proxy_protocol: false,
             totals: EngineTotals::default(),
             published: Arc::new(Mutex::new(EngineTotals::default())),
@@ -470,9 +467,8 @@ impl SessionFactory {
         self
     }
 
-    /// The listener's address and whether it reads a PROXY protocol header first.
-    pub fn with_listener(mut self, local: SocketAddr, proxy_protocol: bool) -> SessionFactory {
-        self.local = local;
+    /// Whether every connection starts with a PROXY protocol header.
+    pub fn with_proxy_protocol(mut self, proxy_protocol: bool) -> SessionFactory {
         self.proxy_protocol = proxy_protocol;
         self
     }
@@ -504,7 +500,7 @@ impl SessionFactory {
 impl ProxyFactory for SessionFactory {
     type Session = GuardSession;
 
-    fn new_session(&mut self, peer: SocketAddr, now: Instant) -> GuardSession {
+    fn new_session(&mut self, peer: SocketAddr, local: SocketAddr, now: Instant) -> GuardSession {
         let generation = self.live.generation();
         if generation != self.generation {
             self.policy = self.live.snapshot();
@@ -514,7 +510,7 @@ impl ProxyFactory for SessionFactory {
             policy: Arc::clone(&self.policy),
             rates: Arc::clone(&self.rates),
             connections: Arc::clone(&self.connections),
-            local: self.local,
+            local,
         };
         if self.proxy_protocol {
             // Nothing is counted against the balancer's address: the header names the client.
@@ -528,7 +524,7 @@ impl ProxyFactory for SessionFactory {
             }));
             return session;
         }
-        let (inner, permit) = gate.admit(peer, self.local, now);
+        let (inner, permit) = gate.admit(peer, local, now);
         self.session(inner, permit, peer, now)
     }
 
@@ -600,10 +596,11 @@ mod tests {
         assert!(c.admit(mapped, &policy("")).is_some());
     }
 
+    const LOCAL: &str = "192.0.2.1:25";
+
     fn proxy_factory(policy_text: &str) -> SessionFactory {
         let live = LivePolicy::new(policy(policy_text));
-        SessionFactory::new(live, Arc::new(Connections::default()))
-            .with_listener("192.0.2.1:25".parse().unwrap(), true)
+        SessionFactory::new(live, Arc::new(Connections::default())).with_proxy_protocol(true)
     }
 
     fn actions(f: impl FnOnce(&mut Vec<Action>)) -> Vec<Action> {
@@ -620,7 +617,7 @@ mod tests {
         let header = b"PROXY TCP4 192.0.2.9 192.0.2.1 4000 25\r\n";
         let mut sessions = Vec::new();
         for _ in 0..2 {
-            let mut s = f.new_session(balancer, now);
+            let mut s = f.new_session(balancer, LOCAL.parse().unwrap(), now);
             assert!(
                 actions(|o| s.start(now, o)).is_empty(),
                 "waits for the header"
@@ -650,13 +647,13 @@ mod tests {
         let mut f = proxy_factory("greeting_timeout = 5");
         let now = Instant::now();
         let peer: SocketAddr = "10.0.0.1:5000".parse().unwrap();
-        let mut s = f.new_session(peer, now);
+        let mut s = f.new_session(peer, LOCAL.parse().unwrap(), now);
         assert_eq!(
             actions(|o| s.on_client(b"EHLO x\r\n", now, o)),
             vec![Action::Close]
         );
         assert_eq!(s.end(), Some(End::ProxyHeader));
-        let mut s = f.new_session(peer, now);
+        let mut s = f.new_session(peer, LOCAL.parse().unwrap(), now);
         let late = now + std::time::Duration::from_secs(5);
         assert_eq!(s.deadline(), Some(late));
         assert_eq!(actions(|o| s.on_timeout(late, o)), vec![Action::Close]);
@@ -669,7 +666,7 @@ mod tests {
         let mut f = proxy_factory("");
         let now = Instant::now();
         let peer: SocketAddr = "10.0.0.1:5000".parse().unwrap();
-        let mut s = f.new_session(peer, now);
+        let mut s = f.new_session(peer, LOCAL.parse().unwrap(), now);
         let local = b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00";
         assert_eq!(
             actions(|o| s.on_client(local, now, o)),

@@ -278,12 +278,11 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     let (factory_live, factory_totals, upstream) =
         (Arc::clone(&live), totals.clone(), eff.upstream);
     let factory_connections = Arc::clone(&connections);
-    let local = listener.local_addr().unwrap_or(eff.listen);
     let proxy_protocol = eff.proxy_protocol;
     let server = io::serve(listener, ring_config(&eff), move |i| {
         SessionFactory::new(Arc::clone(&factory_live), Arc::clone(&factory_connections))
             .with_upstream(upstream)
-            .with_listener(local, proxy_protocol)
+            .with_proxy_protocol(proxy_protocol)
             .with_totals(Arc::clone(&factory_totals[i]))
     })?;
     let sources = Sources {

@@ -82,6 +82,38 @@ fn proxy_headers_reach_the_upstream_exactly() {
 }
 
 #[test]
+fn a_wildcard_listener_names_the_address_the_client_chose() {
+    let up = Upstream::start();
+    let port = free_port();
+    let guard = Guard::spawn(
+        &format!("0.0.0.0:{port}"),
+        &up.addr.to_string(),
+        Some(&identity_policy("proxy-v1")),
+        &["--threads", "1"],
+    )
+    .unwrap_or_else(|e| panic!("mailguard did not start: {e}"));
+    let c = Client::connect_from(ip("127.0.0.2"), SocketAddr::from(([127, 0, 0, 9], port)));
+    let client = c.stream.local_addr().unwrap();
+    let expected = format!(
+        "PROXY TCP4 127.0.0.2 127.0.0.9 {} {port}\r\n",
+        client.port()
+    );
+    let seen = up.wait_until(|conns, _| {
+        conns
+            .first()
+            .is_some_and(|conn| conn.raw.len() >= expected.len())
+    });
+    let raw = up
+        .conns()
+        .first()
+        .map(|c| c.raw.clone())
+        .unwrap_or_default();
+    assert!(seen, "upstream got {}", show(&raw));
+    assert_eq!(show(&raw[..expected.len()]), show(expected.as_bytes()));
+    drop((c, guard));
+}
+
+#[test]
 fn xclient_line_reaches_an_upstream_that_offers_it_and_its_reply_stays_hidden() {
     let up = Upstream::start();
     let guard = Guard::start(up.addr, Some(&identity_policy("xclient")));
