@@ -221,3 +221,57 @@ fn postfix_with_xclient_records_the_real_client_and_its_helo() {
         guard.stderr()
     );
 }
+
+#[test]
+fn postfix_with_xclient_after_an_aborted_message_the_replay_carries_the_identity() {
+    let postfix = PostfixBuilder::new().xclient_hosts("127.0.0.0/8").start();
+    let policy = format!("{}bare_lf = \"reject\"\n", identity_policy("xclient"));
+    let guard = Guard::start(postfix.addr(), Some(&policy));
+    let mut c = Client::connect_from(ip("127.0.0.3"), guard.addr);
+    c.read_reply().expect_code(220);
+    c.ehlo();
+    // A bare LF: the guard drops that upstream connection before the end of data and opens a
+    // new one, where XCLIENT (now with HELO and PROTO) goes before the EHLO replay.
+    c.send_message("bad@example.org", "rcpt@example.com", b"a\nb\r\n")
+        .expect(550, "5.6.11");
+    c.send_message(
+        "good@example.org",
+        "rcpt@example.com",
+        b"Subject: 2\r\n\r\nok\r\n",
+    )
+    .expect_code(250);
+    c.cmd("QUIT").expect_code(221);
+    c.expect_closed();
+    let received = received_by(&postfix);
+    assert_names(&received, "127.0.0.3", &postfix);
+    assert!(received.contains("from client.test"), "{received}");
+    assert!(
+        !guard.stderr().contains("did not accept XCLIENT"),
+        "{}",
+        guard.stderr()
+    );
+}
+
+#[test]
+fn upstream_identity_is_reloaded_on_sighup() {
+    let up = Upstream::start();
+    let guard = Guard::start(up.addr, Some(&identity_policy("none")));
+    send_mail_from(ip("127.0.0.2"), guard.addr, "a@example.org");
+    assert!(!up.saw_command_containing(b"XCLIENT"));
+    let path = guard.policy_path.clone().expect("policy file");
+    std::fs::write(&path, identity_policy("xclient")).expect("rewrite policy");
+    // SIGHUP to the guard this test started, by its PID.
+    let status = std::process::Command::new("kill")
+        .arg("-HUP")
+        .arg(guard.pid().to_string())
+        .status()
+        .expect("kill(1)");
+    assert!(status.success());
+    assert!(
+        wait_for(WAIT, || guard.stderr().contains("generation 2 is live")),
+        "{}",
+        guard.stderr()
+    );
+    send_mail_from(ip("127.0.0.2"), guard.addr, "b@example.org");
+    assert!(up.wait_command(b"XCLIENT ADDR=127.0.0.2 NAME=[UNAVAILABLE]"));
+}
