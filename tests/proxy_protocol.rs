@@ -171,10 +171,37 @@ fn haproxy_send_proxy_v2_config_key_and_per_ip_limit_use_the_real_client() {
     first.ehlo();
 }
 
+/// The metrics page, fetched with curl (bounded).
+fn scrape(metrics: SocketAddr) -> String {
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "10",
+            &format!("http://{metrics}/metrics"),
+        ])
+        .output()
+        .expect("run curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[test]
 fn without_a_valid_header_the_connection_is_closed_without_smtp() {
     let up = Upstream::start();
-    let guard = proxy_guard(up.addr, Some("greeting_timeout = 1\n"));
+    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let guard = Guard::spawn(
+        &format!("127.0.0.1:{}", free_port()),
+        &up.addr.to_string(),
+        Some("greeting_timeout = 1\n"),
+        &[
+            "--threads",
+            "1",
+            "--proxy-protocol",
+            "--metrics",
+            &metrics.to_string(),
+        ],
+    )
+    .unwrap_or_else(|e| panic!("mailguard did not start: {e}"));
     // A direct client speaking SMTP first.
     let mut direct = Client::connect(guard.addr);
     direct.send(b"EHLO client.test\r\n");
@@ -199,6 +226,15 @@ fn without_a_valid_header_the_connection_is_closed_without_smtp() {
     assert!(
         up.conns().is_empty(),
         "no upstream connection for a client without a header"
+    );
+    let counted = "mailguard_sessions_ended_total{result=\"proxy_header\"} 4";
+    let mut page = String::new();
+    assert!(
+        wait_for(WAIT, || {
+            page = scrape(metrics);
+            page.contains(counted)
+        }),
+        "{page}"
     );
 }
 
