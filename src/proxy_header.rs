@@ -119,7 +119,10 @@ fn parse_v2(buf: &[u8]) -> Result<Option<(Header, usize)>, HeaderError> {
         return Ok(None);
     }
     let body = &buf[16..total];
-    let local = command == 0;
+    if command == 0 {
+        // LOCAL: the spec says to ignore whatever address block follows.
+        return Ok(Some((Header { addresses: None }, total)));
+    }
     let addresses = match buf[13] {
         // TCP over IPv4, TCP over IPv6; TLVs may follow the addresses.
         0x11 if body.len() >= 12 => Some((
@@ -133,7 +136,6 @@ fn parse_v2(buf: &[u8]) -> Result<Option<(Header, usize)>, HeaderError> {
         0x11 | 0x21 => return Err(HeaderError::V2),
         _ => None,
     };
-    let addresses = if local { None } else { addresses };
     Ok(Some((Header { addresses }, total)))
 }
 
@@ -270,6 +272,29 @@ mod tests {
         assert_eq!(parse(unspec), Ok(Some((Header { addresses: None }, 16))));
         let unknown = b"PROXY UNKNOWN ffff::1 ffff::2 1 2\r\n";
         assert_eq!(parse(unknown).unwrap().unwrap().0.addresses, None);
+    }
+
+    #[test]
+    fn local_ignores_its_address_block() {
+        let local_tcp4_empty = b"\r\n\r\n\0\r\nQUIT\n\x20\x11\x00\x00";
+        assert_eq!(
+            parse(local_tcp4_empty),
+            Ok(Some((Header { addresses: None }, 16)))
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_parse_without_panic_within_bounds(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..700),
+            v2 in proptest::prelude::any::<bool>(),
+        ) {
+            let mut input = if v2 { V2_SIGNATURE.to_vec() } else { b"PROXY ".to_vec() };
+            input.extend_from_slice(&bytes);
+            if let Ok(Some((_, used))) = parse(&input) {
+                proptest::prop_assert!(used <= input.len() && used <= V2_MAX);
+            }
+        }
     }
 
     #[test]
