@@ -2,8 +2,9 @@
 //!
 //! `proto` is the sans-IO SMTP engine, `io` the thread-per-core io_uring ring that drives it,
 //! `config` the policy and the config file, and `relay` the vocabulary the engine and the ring
-//! share. Around them: `guard` (live policy, session factory, backend choice), `pool` (the
-//! upstream backends and their health), `tally` (what sessions decided, per worker), and the
+//! share. Around them: `guard` (live policy, session factory, PROXY listeners, backend choice),
+//! `pool` (the upstream backends and their health), `proxy_header` (the PROXY protocol wire
+//! format), `tally` (what sessions decided, per worker), and the
 //! operations side: `control` (signals), `metrics` (Prometheus) and `logging` (tracing to
 //! stderr).
 
@@ -15,5 +16,6 @@ pub mod logging;
 pub mod metrics;
 pub mod pool;
 pub mod proto;
+pub mod proxy_header;
 pub mod relay;
 pub mod tally;

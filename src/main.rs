@@ -61,6 +61,10 @@ struct RunArgs {
     /// Address to accept SMTP clients on: host:port or [v6]:port.
     #[arg(long, value_name = "ADDR", value_parser = config::resolve)]
     listen: Option<SocketAddr>,
+    /// Expect a PROXY protocol header (v1 or v2, from haproxy or a load balancer) at the
+    /// start of every connection, and take the client's address from it.
+    #[arg(long)]
+    proxy_protocol: bool,
     /// The mail server to relay to: host:port or [v6]:port. Repeat it for several backends
     /// (round robin by default; see `upstream_balance` in the config file).
     #[arg(long, value_name = "ADDR", value_parser = config::resolve)]
@@ -152,6 +156,7 @@ fn check(args: CheckArgs) -> Result<(), Failure> {
 /// The settings in force: flags over the config file over defaults.
 struct Effective {
     listen: SocketAddr,
+    proxy_protocol: bool,
     upstream: Vec<SocketAddr>,
     balance: Balance,
     fail_timeout: Duration,
@@ -187,6 +192,8 @@ fn effective(args: &RunArgs, setup: Option<&Setup>) -> Result<Effective, Failure
     );
     Ok(Effective {
         listen,
+        proxy_protocol: args.proxy_protocol
+            || setup.and_then(|s| s.proxy_protocol).unwrap_or(false),
         upstream,
         balance: setup.and_then(|s| s.upstream_balance).unwrap_or_default(),
         fail_timeout: setup
@@ -257,9 +264,11 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     let (factory_live, factory_totals, factory_pool) =
         (Arc::clone(&live), totals.clone(), Arc::clone(&pool));
     let factory_connections = Arc::clone(&connections);
+    let proxy_protocol = eff.proxy_protocol;
     let server = io::serve(listener, ring_config(&eff), move |i| {
         SessionFactory::new(Arc::clone(&factory_live), Arc::clone(&factory_connections))
             .with_pool(Arc::clone(&factory_pool))
+            .with_proxy_protocol(proxy_protocol)
             .with_totals(Arc::clone(&factory_totals[i]))
     })?;
     let checker = (!eff.check_interval.is_zero())
@@ -280,6 +289,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     }
     tracing::info!(
         listen = %eff.listen,
+        proxy_protocol = eff.proxy_protocol,
         upstream = %addr_list(&eff.upstream),
         upstream_balance = eff.balance.name(),
         workers = eff.threads,

@@ -47,6 +47,7 @@ pub fn setup(s: &Setup, default_drain: Duration) -> String {
     };
     let lines = [
         format!("listen = {}", addr(s.listen, "unset (--listen required)")),
+        format!("proxy_protocol = {}", s.proxy_protocol.unwrap_or(false)),
         format!("upstream = {upstream}"),
         format!(
             "upstream_balance = \"{}\"",
@@ -172,6 +173,7 @@ pub fn settings(p: &Policy) -> Vec<Setting> {
             "reject_unauth_pipelining",
             p.reject_unauth_pipelining.to_string(),
         ),
+        set("upstream_identity", quote(p.upstream_identity.name())),
     ]
 }
 
@@ -318,6 +320,7 @@ rate_per_ip = { connections = 60, messages = 30 }
 rate_per_sender = 20
 pregreet_wait_ms = 1500
 reject_unauth_pipelining = true
+upstream_identity = "xclient"
 "#;
 
     #[test]

@@ -15,6 +15,7 @@ pub use policy::AUTH_LINE_LENGTH;
 
 pub use policy::{
     BareLf, BlockedReply, Mode, Policy, PolicyError, RatePerIp, RuleAction, Ruled, StartTls,
+    UpstreamIdentity,
 };
 pub use setup::{
     check_backends, resolve, LogFormat, LogLevel, PolicySource, RingTuning, Setup, SetupError,

@@ -112,6 +112,35 @@ pub enum StartTls {
     Strip,
 }
 
+/// How the upstream learns who the real client is (`upstream_identity`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum UpstreamIdentity {
+    /// It does not: the upstream sees mailguard's address.
+    #[serde(rename = "none")]
+    None,
+    /// A PROXY protocol v1 header opens every upstream connection.
+    #[serde(rename = "proxy-v1")]
+    ProxyV1,
+    /// A PROXY protocol v2 header opens every upstream connection.
+    #[serde(rename = "proxy-v2")]
+    ProxyV2,
+    /// Postfix's XCLIENT command, hidden from the client, when the upstream offers it.
+    #[serde(rename = "xclient")]
+    Xclient,
+}
+
+impl UpstreamIdentity {
+    /// The value as a policy file writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            UpstreamIdentity::None => "none",
+            UpstreamIdentity::ProxyV1 => "proxy-v1",
+            UpstreamIdentity::ProxyV2 => "proxy-v2",
+            UpstreamIdentity::Xclient => "xclient",
+        }
+    }
+}
+
 /// What a content or envelope rule does when it matches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -222,6 +251,7 @@ pub struct Policy {
     /// How long the banner is held back to catch clients that talk first; zero is off.
     pub pregreet_wait: Duration,
     pub reject_unauth_pipelining: bool,
+    pub upstream_identity: UpstreamIdentity,
     /// The header, MIME and body rules compiled once for every message under this policy.
     pub content: ContentCheck,
     /// The verbs that pass: the mode's (or `allow`'s) minus those of removed extensions.
@@ -356,6 +386,7 @@ impl Policy {
             allow,
             blocked_reply: file.blocked_reply.unwrap_or(BlockedReply::Reject),
             mask_banner: file.mask_banner.unwrap_or(false),
+            upstream_identity: file.upstream_identity.unwrap_or(UpstreamIdentity::None),
             extensions,
             max_recipients: file.max_recipients.unwrap_or(1000),
             max_message_size: file.max_message_size.unwrap_or(0),
@@ -533,6 +564,7 @@ struct File {
     #[serde(default, deserialize_with = "milliseconds")]
     pregreet_wait_ms: Option<u64>,
     reject_unauth_pipelining: Option<bool>,
+    upstream_identity: Option<UpstreamIdentity>,
 }
 
 /// A rule is written as its value alone (default action) or as `{ value = …, action = … }`.

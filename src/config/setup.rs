@@ -131,6 +131,8 @@ pub const DEFAULT_FAIL_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, PartialEq)]
 pub struct Setup {
     pub listen: Option<SocketAddr>,
+    /// The listener reads a PROXY protocol header (v1 or v2) before each client's bytes.
+    pub proxy_protocol: Option<bool>,
     /// The upstream backends, in order (empty: not set).
     pub upstream: Vec<SocketAddr>,
     pub upstream_balance: Option<Balance>,
@@ -235,6 +237,7 @@ impl Setup {
         };
         Ok(Setup {
             listen: file.listen,
+            proxy_protocol: file.proxy_protocol,
             upstream: file.upstream.unwrap_or_default(),
             upstream_balance: file.upstream_balance,
             upstream_fail_timeout: file.upstream_fail_timeout.map(Duration::from_secs),
@@ -256,6 +259,7 @@ impl Setup {
 struct File {
     #[serde(default, deserialize_with = "address")]
     listen: Option<SocketAddr>,
+    proxy_protocol: Option<bool>,
     #[serde(default, deserialize_with = "upstreams")]
     upstream: Option<Vec<SocketAddr>>,
     #[serde(default, deserialize_with = "balance")]
@@ -412,6 +416,7 @@ mod tests {
         let s = parse(
             r#"
 listen = "127.0.0.1:2525"
+proxy_protocol = true
 upstream = "[::1]:25"
 threads = 3
 metrics = "127.0.0.1:9425"
@@ -425,6 +430,7 @@ max_recipients = 9
         )
         .expect("valid");
         assert_eq!(s.listen, Some("127.0.0.1:2525".parse().unwrap()));
+        assert_eq!(s.proxy_protocol, Some(true));
         assert_eq!(s.upstream, vec!["[::1]:25".parse().unwrap()]);
         assert_eq!(s.threads, Some(3));
         assert_eq!(s.metrics, Some("127.0.0.1:9425".parse().unwrap()));
