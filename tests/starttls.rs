@@ -525,3 +525,68 @@ fn terminate_without_a_certificate_is_refused_with_file_line_column() {
     assert!(err.contains("policy3.toml:1:16:"), "{err}");
     assert!(err.contains("upstream_tls_ca"), "{err}");
 }
+
+/// Sends SIGHUP to the guard this test started (by its PID) and waits for the outcome line.
+#[track_caller]
+fn reload(g: &Guard, expect: &str, n: usize) {
+    let status = Command::new("kill")
+        .args(["-HUP", &g.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    assert!(
+        wait_for(WAIT, || g.stderr().matches(expect).count() >= n),
+        "no {expect:?} after SIGHUP: {}",
+        g.stderr()
+    );
+}
+
+#[test]
+fn sighup_reloads_the_certificate_and_a_broken_one_keeps_the_old() {
+    let pki = Pki::new();
+    let up = Upstream::start();
+    let g = Guard::start(up.addr, Some(&pki.policy("")));
+    let cert = pki.path("cert.pem");
+    let good = std::fs::read(&cert).unwrap();
+
+    std::fs::write(&cert, b"-----BEGIN CERTIFICATE-----\nnot base64\n").unwrap();
+    reload(&g, "reload refused, the old policy stays", 1);
+    assert!(
+        g.stderr().contains("cert.pem"),
+        "names the file: {}",
+        g.stderr()
+    );
+    let mut t = tls_session(&g, &pki);
+    assert!(
+        t.cmd("QUIT").starts_with("221"),
+        "the old certificate still serves"
+    );
+
+    // A certificate from the other CA: clients trusting only the first one now fail.
+    pki.openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "other.pem",
+        "-CAkey",
+        "other.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-out",
+        "cert.pem",
+        "-extfile",
+        "server.ext",
+    ]);
+    assert_ne!(std::fs::read(&cert).unwrap(), good);
+    reload(&g, "generation 2 is live", 1);
+    let spec = json!({ "starttls": pki.other_ca(), "text": "after the reload\n" });
+    let sent = smtplib_client::send(HEAD, g.addr, FROM, TO, &spec, "smtplib new cert");
+    assert_eq!(sent.status, "ok", "{sent:?}");
+    let spec = json!({ "starttls": pki.ca(), "text": "old CA\n" });
+    let sent = smtplib_client::send(HEAD, g.addr, FROM, TO, &spec, "smtplib old CA");
+    assert_eq!(sent.status, "disconnected", "{sent:?}");
+    assert_eq!(up.wait_messages(1).len(), 1);
+}
