@@ -1,13 +1,14 @@
 //! The TLS layer of `starttls = "terminate"` in memory, against a rustls client: handshakes/s
 //! (a fresh `ServerSide` and a full TLS 1.3 handshake each time, ECDSA P-256 certificate) and
 //! encrypted MB/s (16 KiB of a mail body encrypted by the client and decrypted by
-//! `ServerSide::receive`, so the figure is both ends together). No sockets: this is the CPU cost the ring's worker pays per session and per byte.
+//! `ServerSide::receive`, so the figure is both ends together). No sockets: this is the CPU
+//! cost the ring's worker pays per session and per byte.
 //!
-//! The certificate is made with `openssl req` in a temporary directory at start.
+//! A CA and a leaf certificate are made with `openssl` in a temporary directory at start.
 
 use std::hint::black_box;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
@@ -24,22 +25,39 @@ impl Keys {
     fn make() -> Keys {
         let dir = std::env::temp_dir().join(format!("mailguard-tls-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
-        let status = Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-            ])
-            .args(["-nodes", "-days", "2", "-subj", "/CN=localhost"])
-            .args(["-addext", "subjectAltName=DNS:localhost"])
-            .args(["-keyout", "key.pem", "-out", "cert.pem"])
-            .current_dir(&dir)
-            .output()
-            .expect("openssl is needed by this bench");
-        assert!(status.status.success(), "{:?}", status);
+        let ext = dir.join("leaf.ext");
+        std::fs::write(
+            &ext,
+            "basicConstraints=CA:FALSE\nsubjectAltName=DNS:localhost\n",
+        )
+        .expect("extensions file");
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
+        openssl(
+            &dir,
+            &["req", "-x509", "-days", "2", "-subj", "/CN=bench CA"],
+            &ec,
+            &["-keyout", "ca.key", "-out", "ca.pem"],
+        );
+        openssl(
+            &dir,
+            &["req", "-subj", "/CN=localhost"],
+            &ec,
+            &["-keyout", "key.pem", "-out", "leaf.csr"],
+        );
+        openssl(
+            &dir,
+            &[
+                "x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            ],
+            &["-CAcreateserial", "-days", "2", "-extfile", "leaf.ext"],
+            &["-out", "cert.pem"],
+        );
         Keys { dir }
     }
 
@@ -49,9 +67,10 @@ impl Keys {
     }
 
     fn client(&self) -> Arc<ClientConfig> {
-        let pem = tls::read(&self.dir.join("cert.pem")).expect("cert");
+        let ca = self.dir.join("ca.pem");
+        let pem = tls::read(&ca).expect("CA");
         let mut roots = RootCertStore::empty();
-        for cert in tls::certificates(&self.dir.join("cert.pem"), &pem).expect("certs") {
+        for cert in tls::certificates(&ca, &pem).expect("certs") {
             roots.add(cert).expect("root");
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -63,6 +82,17 @@ impl Keys {
                 .with_no_client_auth(),
         )
     }
+}
+
+fn openssl(dir: &Path, a: &[&str], b: &[&str], c: &[&str]) {
+    let out = Command::new("openssl")
+        .args(a)
+        .args(b)
+        .args(c)
+        .current_dir(dir)
+        .output()
+        .expect("openssl is needed by this bench");
+    assert!(out.status.success(), "{out:?}");
 }
 
 impl Drop for Keys {
