@@ -2,13 +2,15 @@
 //! factory that gives each accepted connection a [`Session`] holding the policy snapshot
 //! current at accept.
 //!
+//! Owns the policy generation, the per-host connection counts, the PROXY protocol header of a
+//! PROXY listener (read before anything else, so that limits, rates, logs and the upstream see
+//! the real client) and, per worker, the totals of what ended sessions decided (published once
+//! per second, never shared per event). Must not touch sockets (the ring's) or SMTP (the
+//! engine's).
+//!
 //! Sessions under `starttls = "terminate"` route the client's bytes through the sans-IO TLS
 //! layer ([`crate::tls`]) once the engine has answered STARTTLS: ciphertext from the ring goes
 //! in, plaintext to the engine, and its replies to the client come back encrypted.
-//!
-//! Owns the policy generation, the per-host connection counts and, per worker, the totals of
-//! what ended sessions decided (published once per second, never shared per event). Must not
-//! touch sockets (the ring's) or SMTP (the engine's).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -20,8 +22,9 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::config::Policy;
 use crate::proto::rate::{RateKey, Rates};
-use crate::proto::{Refusal, Session};
-use crate::relay::{Action, Proxy, ProxyFactory};
+use crate::proto::{Identity, Refusal, Session};
+use crate::proxy_header;
+use crate::relay::{Action, Chunk, Proxy, ProxyFactory};
 use crate::tally::{self, End, EngineTotals, Event, SessionReport, Watch};
 use crate::tls::{self, ServerSide};
 
@@ -183,6 +186,66 @@ pub struct GuardSession {
     tls_config: Option<Arc<rustls::ServerConfig>>,
     /// The client connection's TLS, from the engine's `220` to STARTTLS on.
     tls: Option<ServerSide>,
+    /// On a PROXY listener, until the header has been read: the engine session does not
+    /// exist yet (`inner` is a placeholder that is never started).
+    awaiting: Option<Box<AwaitHeader>>,
+}
+
+/// A PROXY listener's connection before its header: what admitting it will need.
+#[derive(Debug)]
+struct AwaitHeader {
+    gate: Gate,
+    /// Header bytes so far (bounded by the parser: at most [`proxy_header::V2_MAX`]).
+    buf: Vec<u8>,
+    deadline: Instant,
+}
+
+/// What admitting a client needs: the policy it gets, the worker's rate table and the host's
+/// connection counts, and the address the client connected to (the socket's own).
+#[derive(Debug, Clone)]
+struct Gate {
+    policy: Arc<Policy>,
+    rates: Arc<Mutex<Rates>>,
+    connections: Arc<Connections>,
+    local: SocketAddr,
+}
+
+impl Gate {
+    /// The engine session for a client at `peer` that connected to `local`: refused before
+    /// any banner when a limit says so.
+    fn admit(
+        &self,
+        peer: SocketAddr,
+        local: SocketAddr,
+        now: Instant,
+    ) -> (Session, Option<Permit>) {
+        let policy = Arc::clone(&self.policy);
+        let client = ClientKey::of(peer.ip()).packed();
+        let connection_rate = policy.rate_per_ip.connections;
+        if !self
+            .rates
+            .lock()
+            .admit(RateKey::Connections(client), connection_rate, now)
+        {
+            return (Session::refused(policy, now, Refusal::ConnectionRate), None);
+        }
+        match self.connections.admit(peer.ip(), &policy) {
+            Some(permit) => {
+                let identity = Identity {
+                    client: peer,
+                    local,
+                };
+                let inner = Session::new(policy, now)
+                    .with_rates(Arc::clone(&self.rates), client)
+                    .with_identity(identity);
+                (inner, Some(permit))
+            }
+            None => (
+                Session::refused(policy, now, Refusal::TooManyConnections),
+                None,
+            ),
+        }
+    }
 }
 
 impl GuardSession {
@@ -199,6 +262,7 @@ impl GuardSession {
             draining: false,
             tls_config: None,
             tls: None,
+            awaiting: None,
             trace_decisions: tracing::enabled!(
                 target: "mailguard::decision",
                 tracing::Level::DEBUG
@@ -285,6 +349,54 @@ impl GuardSession {
         }
     }
 
+    /// Reads PROXY header bytes; once the header is whole, admits the real client, starts the
+    /// engine and hands it what followed the header.
+    fn on_header_bytes(&mut self, data: &[u8], now: Instant, out: &mut Vec<Action>) {
+        let Some(wait) = self.awaiting.as_mut() else {
+            return;
+        };
+        let before = wait.buf.len();
+        wait.buf.extend_from_slice(data);
+        let (header, used) = match proxy_header::parse(&wait.buf) {
+            Ok(Some(parsed)) => parsed,
+            Ok(None) => return,
+            Err(e) => return self.refuse_header(&e.to_string(), out),
+        };
+        let Some(wait) = self.awaiting.take() else {
+            return;
+        };
+        let (peer, local) = header.addresses.unwrap_or((self.peer, wait.gate.local));
+        let (inner, permit) = wait.gate.admit(peer, local, now);
+        self.inner = inner;
+        self._permit = permit;
+        self.peer = peer;
+        self.run(Event::Start, out, &[], false, |s, out| s.start(now, out));
+        // The header ended inside this input: what follows it is the client's first bytes.
+        let skip = used.saturating_sub(before);
+        if skip < data.len() && self.end.is_none() {
+            let first = out.len();
+            let rest = &data[skip..];
+            self.run(Event::Client, out, rest, false, |s, out| {
+                s.on_client(rest, now, out)
+            });
+            shift_input(&mut out[first..], skip);
+        }
+    }
+
+    /// No valid header: closed without a word of SMTP, since whatever sent it is not a
+    /// balancer speaking the PROXY protocol.
+    fn refuse_header(&mut self, why: &str, out: &mut Vec<Action>) {
+        self.awaiting = None;
+        tracing::warn!(
+            target: "mailguard::session",
+            peer = %self.peer,
+            reason = why,
+            "PROXY protocol header refused, connection closed"
+        );
+        self.end = Some(End::ProxyHeader);
+        out.push(Action::Close);
+    }
+
     /// Runs one engine call and notes how the session ended if this call ended it.
     fn step(
         &mut self,
@@ -298,9 +410,17 @@ impl GuardSession {
         }
         let before = Watch::of(self.inner.counters());
         let snapshot = self.trace_decisions.then(|| *self.inner.counters());
+        let unsent = self.inner.counters().identity_unsent;
         call(&mut self.inner, out);
         if let Some(snapshot) = snapshot {
             tally::log_decisions(self.peer, &snapshot, self.inner.counters());
+        }
+        if self.inner.counters().identity_unsent > unsent {
+            tracing::warn!(
+                target: "mailguard::session",
+                client = %self.peer,
+                "upstream_identity = \"xclient\" but the upstream did not accept XCLIENT; relaying without it"
+            );
         }
         if self.inner.is_closed() {
             let after = Watch::of(self.inner.counters());
@@ -311,13 +431,18 @@ impl GuardSession {
 
 impl Proxy for GuardSession {
     fn start(&mut self, now: Instant, out: &mut Vec<Action>) {
+        if self.awaiting.is_some() {
+            return;
+        }
         self.run(Event::Start, out, &[], false, |s, out| s.start(now, out));
     }
     fn on_client(&mut self, data: &[u8], now: Instant, out: &mut Vec<Action>) {
         self.client_bytes += data.len() as u64;
+        if self.awaiting.is_some() {
+            return self.on_header_bytes(data, now, out);
+        }
         if self.tls.is_some() {
-            self.on_client_tls(data, now, out);
-            return;
+            return self.on_client_tls(data, now, out);
         }
         self.run(Event::Client, out, data, false, |s, out| {
             s.on_client(data, now, out)
@@ -342,6 +467,11 @@ impl Proxy for GuardSession {
         });
     }
     fn on_client_closed(&mut self, now: Instant, out: &mut Vec<Action>) {
+        if self.awaiting.take().is_some() {
+            // A balancer's plain TCP check: nothing worth a warning.
+            self.end = Some(End::ClientClosed);
+            return out.push(Action::Close);
+        }
         self.run(Event::ClientClosed, out, &[], false, |s, out| {
             s.on_client_closed(now, out)
         });
@@ -352,15 +482,29 @@ impl Proxy for GuardSession {
         });
     }
     fn deadline(&self) -> Option<Instant> {
-        self.inner.deadline()
+        match &self.awaiting {
+            Some(wait) => Some(wait.deadline),
+            None => self.inner.deadline(),
+        }
     }
     fn on_timeout(&mut self, now: Instant, out: &mut Vec<Action>) {
+        match &self.awaiting {
+            Some(wait) if now >= wait.deadline => {
+                return self.refuse_header("no PROXY header before greeting_timeout", out)
+            }
+            Some(_) => return,
+            None => {}
+        }
         self.run(Event::Timeout, out, &[], false, |s, out| {
             s.on_timeout(now, out)
         });
     }
     fn on_shutdown(&mut self, force: bool, now: Instant, out: &mut Vec<Action>) {
         self.draining = true;
+        if self.awaiting.take().is_some() {
+            self.end = Some(End::Shutdown);
+            return out.push(Action::Close);
+        }
         self.run(Event::Shutdown, out, &[], false, |s, out| {
             s.on_shutdown(force, now, out)
         });
@@ -378,6 +522,8 @@ pub struct SessionFactory {
     rates: Arc<Mutex<Rates>>,
     /// Where sessions are relayed to, for their log line.
     upstream: Option<SocketAddr>,
+    /// Every connection starts with a PROXY protocol header.
+    proxy_protocol: bool,
     /// What ended sessions decided, owned by this worker; copied to `published` each tick.
     totals: EngineTotals,
     published: Arc<Mutex<EngineTotals>>,
@@ -398,6 +544,7 @@ impl SessionFactory {
             policy,
             rates: Arc::new(Mutex::new(Rates::new(RATE_TABLE_KEYS))),
             upstream: None,
+            proxy_protocol: false,
             totals: EngineTotals::default(),
             published: Arc::new(Mutex::new(EngineTotals::default())),
         }
@@ -406,6 +553,12 @@ impl SessionFactory {
     /// Names the upstream in session log lines.
     pub fn with_upstream(mut self, upstream: SocketAddr) -> SessionFactory {
         self.upstream = Some(upstream);
+        self
+    }
+
+    /// Whether every connection starts with a PROXY protocol header.
+    pub fn with_proxy_protocol(mut self, proxy_protocol: bool) -> SessionFactory {
+        self.proxy_protocol = proxy_protocol;
         self
     }
 
@@ -437,33 +590,32 @@ impl SessionFactory {
 impl ProxyFactory for SessionFactory {
     type Session = GuardSession;
 
-    fn new_session(&mut self, peer: SocketAddr, now: Instant) -> GuardSession {
+    fn new_session(&mut self, peer: SocketAddr, local: SocketAddr, now: Instant) -> GuardSession {
         let generation = self.live.generation();
         if generation != self.generation {
             self.policy = self.live.snapshot();
             self.generation = generation;
         }
-        let policy = Arc::clone(&self.policy);
-        let client = ClientKey::of(peer.ip()).packed();
-        let connection_rate = policy.rate_per_ip.connections;
-        if !self
-            .rates
-            .lock()
-            .admit(RateKey::Connections(client), connection_rate, now)
-        {
-            let refused = Session::refused(policy, now, Refusal::ConnectionRate);
-            return self.session(refused, None, peer, now);
+        let gate = Gate {
+            policy: Arc::clone(&self.policy),
+            rates: Arc::clone(&self.rates),
+            connections: Arc::clone(&self.connections),
+            local,
+        };
+        if self.proxy_protocol {
+            // Nothing is counted against the balancer's address: the header names the client.
+            let placeholder = Session::new(Arc::clone(&self.policy), now);
+            let mut session = self.session(placeholder, None, peer, now);
+            session.awaiting = Some(Box::new(AwaitHeader {
+                // The header stands where the client's first words would.
+                deadline: now + self.policy.greeting_timeout,
+                gate,
+                buf: Vec::new(),
+            }));
+            return session;
         }
-        match self.connections.admit(peer.ip(), &policy) {
-            Some(permit) => {
-                let inner = Session::new(policy, now).with_rates(Arc::clone(&self.rates), client);
-                self.session(inner, Some(permit), peer, now)
-            }
-            None => {
-                let refused = Session::refused(policy, now, Refusal::TooManyConnections);
-                self.session(refused, None, peer, now)
-            }
-        }
+        let (inner, permit) = gate.admit(peer, local, now);
+        self.session(inner, permit, peer, now)
     }
 
     fn session_ended(&mut self, session: &GuardSession, now: Instant) {
@@ -484,6 +636,15 @@ impl ProxyFactory for SessionFactory {
 
     fn publish(&mut self) {
         *self.published.lock() = self.totals;
+    }
+}
+
+/// Moves input ranges of `actions` by `by`: they were made for a suffix of the ring's input.
+fn shift_input(actions: &mut [Action], by: usize) {
+    for a in actions {
+        if let Action::Send(_, Chunk::Input(r)) = a {
+            *r = r.start + by..r.end + by;
+        }
     }
 }
 
@@ -523,5 +684,84 @@ mod tests {
         drop(permit);
         assert_eq!(c.open(), 0);
         assert!(c.admit(mapped, &policy("")).is_some());
+    }
+
+    const LOCAL: &str = "192.0.2.1:25";
+
+    fn proxy_factory(policy_text: &str) -> SessionFactory {
+        let live = LivePolicy::new(policy(policy_text));
+        SessionFactory::new(live, Arc::new(Connections::default())).with_proxy_protocol(true)
+    }
+
+    fn actions(f: impl FnOnce(&mut Vec<Action>)) -> Vec<Action> {
+        let mut out = Vec::new();
+        f(&mut out);
+        out
+    }
+
+    #[test]
+    fn proxy_listener_admits_the_real_client_after_the_header() {
+        let mut f = proxy_factory("max_connections_per_ip = 1");
+        let now = Instant::now();
+        let balancer: SocketAddr = "10.0.0.1:5000".parse().unwrap();
+        let header = b"PROXY TCP4 192.0.2.9 192.0.2.1 4000 25\r\n";
+        let mut sessions = Vec::new();
+        for _ in 0..2 {
+            let mut s = f.new_session(balancer, LOCAL.parse().unwrap(), now);
+            assert!(
+                actions(|o| s.start(now, o)).is_empty(),
+                "waits for the header"
+            );
+            assert!(actions(|o| s.on_client(&header[..10], now, o)).is_empty());
+            let out = actions(|o| s.on_client(&header[10..], now, o));
+            assert_eq!(s.peer(), "192.0.2.9:4000".parse().unwrap());
+            sessions.push((s, out));
+        }
+        assert_eq!(sessions[0].1, vec![Action::Connect]);
+        assert_eq!(
+            sessions[1].1,
+            vec![
+                Action::Send(
+                    crate::relay::Side::Client,
+                    Chunk::Static(b"421 4.7.0 Too many connections\r\n")
+                ),
+                Action::Close
+            ],
+            "the second from the same real client is over the limit"
+        );
+        assert_eq!(sessions[1].0.end(), Some(End::Refused));
+    }
+
+    #[test]
+    fn proxy_listener_closes_without_a_reply_on_a_bad_or_late_header() {
+        let mut f = proxy_factory("greeting_timeout = 5");
+        let now = Instant::now();
+        let peer: SocketAddr = "10.0.0.1:5000".parse().unwrap();
+        let mut s = f.new_session(peer, LOCAL.parse().unwrap(), now);
+        assert_eq!(
+            actions(|o| s.on_client(b"EHLO x\r\n", now, o)),
+            vec![Action::Close]
+        );
+        assert_eq!(s.end(), Some(End::ProxyHeader));
+        let mut s = f.new_session(peer, LOCAL.parse().unwrap(), now);
+        let late = now + std::time::Duration::from_secs(5);
+        assert_eq!(s.deadline(), Some(late));
+        assert_eq!(actions(|o| s.on_timeout(late, o)), vec![Action::Close]);
+        assert_eq!(s.end(), Some(End::ProxyHeader));
+        assert_eq!(s.peer(), peer, "no header, no other address");
+    }
+
+    #[test]
+    fn v2_local_keeps_the_socket_address() {
+        let mut f = proxy_factory("");
+        let now = Instant::now();
+        let peer: SocketAddr = "10.0.0.1:5000".parse().unwrap();
+        let mut s = f.new_session(peer, LOCAL.parse().unwrap(), now);
+        let local = b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00";
+        assert_eq!(
+            actions(|o| s.on_client(local, now, o)),
+            vec![Action::Connect]
+        );
+        assert_eq!(s.peer(), peer);
     }
 }

@@ -1,7 +1,6 @@
 //! SMTP smuggling against a real, deliberately lenient Postfix.
 //!
-//! Each test starts a private Postfix instance (its own config and queue directory under the
-//! temp dir, a free loopback port in 30000-39999; `postfix -c DIR start`) that holds every
+//! Each test starts a private Postfix instance (`tests/postfix_common`) that holds every
 //! message it accepts in its hold queue, so `postqueue -c DIR -j` counts exactly what it
 //! accepted, by envelope sender. It is made as lenient as it goes (`smtpd_forbid_bare_newline
 //! = no`), so a smuggled end of data would work against it directly, which the control run
@@ -16,16 +15,20 @@
 //! runs as root). Without them these tests fail and say so; they never pass silently.
 
 mod common;
+mod postfix_common;
 
 use common::*;
-use std::net::{SocketAddr, TcpListener};
+use postfix_common::{count_sender, Postfix, PostfixBuilder};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-const POSTFIX: &str = "/usr/sbin/postfix";
-const HOW: &str = "install it as .ci/run does: apt-get install -y postfix";
+/// The lenient private Postfix every test here runs against.
+fn lenient_postfix() -> Postfix {
+    PostfixBuilder::new().lenient().start()
+}
 
 /// The end-of-data variants (design/anchors.md section 4).
 const VARIANTS: &[(&str, &[u8])] = &[
@@ -44,249 +47,6 @@ const VARIANTS: &[(&str, &[u8])] = &[
     ("LF LF.CRLF", b"\n\n.\r\n"),
     ("CRLF.SP CRLF", b"\r\n. \r\n"),
 ];
-
-// ---------------------------------------------------------------------------------------------
-// A private Postfix instance
-// ---------------------------------------------------------------------------------------------
-
-struct Postfix {
-    dir: TempDir,
-    port: u16,
-    running: bool,
-}
-
-/// One message in Postfix's queue.
-#[derive(Debug, Clone)]
-struct Queued {
-    id: String,
-    sender: String,
-}
-
-fn run(cmd: &mut Command) -> (bool, String) {
-    match cmd.stdin(Stdio::null()).output() {
-        Ok(o) => {
-            let mut s = String::from_utf8_lossy(&o.stdout).into_owned();
-            s.push_str(&String::from_utf8_lossy(&o.stderr));
-            (o.status.success(), s)
-        }
-        Err(e) => (false, e.to_string()),
-    }
-}
-
-/// A port in 30000-39999 that was free a moment ago.
-fn free_port_in_range() -> u16 {
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0) as usize
-        + std::process::id() as usize * 7919;
-    for i in 0..10_000 {
-        let port = 30_000 + ((seed + i * 104_729) % 10_000) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port in 30000-39999");
-}
-
-/// Whether this Postfix knows parameter `name`.
-fn postconf_knows(name: &str) -> bool {
-    let (ok, out) = run(Command::new("postconf").arg("-d").arg(name));
-    ok && out.starts_with(name)
-}
-
-impl Postfix {
-    #[track_caller]
-    fn start() -> Postfix {
-        assert!(
-            Path::new(POSTFIX).exists(),
-            "Postfix is not installed ({POSTFIX} missing): {HOW}"
-        );
-        // SAFETY: geteuid has no preconditions.
-        let euid = unsafe { libc::geteuid() };
-        assert_eq!(
-            euid, 0,
-            "a private Postfix instance needs root (its master binds and drops privileges)"
-        );
-        let dir = TempDir::new();
-        let d = dir.path.clone();
-        let port = free_port_in_range();
-        let queue = d.join("queue");
-        let data = d.join("data");
-        std::fs::create_dir_all(&queue).unwrap();
-        std::fs::create_dir_all(&data).unwrap();
-        let (ok, out) = run(Command::new("chown").arg("postfix").arg(&data));
-        assert!(ok, "chown postfix {}: {out}", data.display());
-        let mut main = format!(
-            "compatibility_level = 3.6
-queue_directory = {q}
-data_directory = {data}
-command_directory = /usr/sbin
-daemon_directory = /usr/lib/postfix/sbin
-shlib_directory = /usr/lib/postfix
-meta_directory = /etc/postfix
-mail_owner = postfix
-setgid_group = postdrop
-myhostname = postfix.test.invalid
-mydomain = test.invalid
-myorigin = $myhostname
-mydestination =
-inet_interfaces = loopback-only
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-smtpd_banner = $myhostname ESMTP
-maillog_file = {log}
-maillog_file_prefixes = {tmp}
-smtpd_peername_lookup = no
-in_flow_delay = 0
-smtpd_error_sleep_time = 0
-smtpd_client_restrictions =
-smtpd_recipient_restrictions = check_client_access static:HOLD, permit_mynetworks, reject
-smtpd_relay_restrictions = permit_mynetworks, reject
-default_transport = discard
-relay_transport = discard
-alias_maps =
-alias_database =
-biff = no
-",
-            q = queue.display(),
-            data = data.display(),
-            log = d.join("maillog").display(),
-            tmp = d.display(),
-        );
-        // As lenient as this version goes: a bare LF ends a line (the pre-2024 behaviour that
-        // made Postfix an SMTP-smuggling receiver, CVE-2023-51764).
-        for (param, value) in [
-            ("smtpd_forbid_bare_newline", "no"),
-            ("smtpd_forbid_unauth_pipelining", "no"),
-        ] {
-            if postconf_knows(param) {
-                main.push_str(&format!("{param} = {value}\n"));
-            }
-        }
-        dir.write("main.cf", main.as_bytes());
-        let master = format!(
-            "127.0.0.1:{port} inet n - n - - smtpd
-pickup    unix  n - n 60 1 pickup
-cleanup   unix  n - n - 0 cleanup
-qmgr      unix  n - n 300 1 qmgr
-rewrite   unix  - - n - - trivial-rewrite
-bounce    unix  - - n - 0 bounce
-defer     unix  - - n - 0 bounce
-trace     unix  - - n - 0 bounce
-verify    unix  - - n - 1 verify
-flush     unix  n - n 1000? 0 flush
-proxymap  unix  - - n - - proxymap
-showq     unix  n - n - - showq
-error     unix  - - n - - error
-retry     unix  - - n - - error
-discard   unix  - - n - - discard
-anvil     unix  - - n - 1 anvil
-scache    unix  - - n - 1 scache
-postlog   unix-dgram n - n - 1 postlogd
-"
-        );
-        dir.write("master.cf", master.as_bytes());
-        let mut pf = Postfix {
-            dir,
-            port,
-            running: false,
-        };
-        let (ok, out) = run(Command::new(POSTFIX).arg("-c").arg(&d).arg("start"));
-        pf.running = true;
-        let listening = wait_for(WAIT, || {
-            std::net::TcpStream::connect_timeout(&pf.addr(), Duration::from_millis(200)).is_ok()
-        });
-        assert!(
-            ok && listening,
-            "private Postfix did not start (exit ok: {ok}): {out}\nlog: {}",
-            pf.log()
-        );
-        pf
-    }
-
-    fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path.join("maillog")).unwrap_or_default()
-    }
-
-    /// Every message Postfix accepted (all of them wait in its hold queue).
-    fn queue(&self) -> Vec<Queued> {
-        let (ok, out) = run(Command::new("postqueue")
-            .arg("-c")
-            .arg(&self.dir.path)
-            .arg("-j"));
-        assert!(ok, "postqueue -j: {out}");
-        out.lines()
-            .filter(|l| l.starts_with('{'))
-            .map(|l| Queued {
-                id: json_str(l, "queue_id").unwrap_or_default(),
-                sender: json_str(l, "sender").unwrap_or_default(),
-            })
-            .collect()
-    }
-
-    /// The body of queued message `id`.
-    fn body(&self, id: &str) -> String {
-        let (ok, out) = run(Command::new("postcat")
-            .arg("-c")
-            .arg(&self.dir.path)
-            .arg("-bq")
-            .arg(id));
-        assert!(ok, "postcat -bq {id}: {out}");
-        out
-    }
-
-    fn stop(&mut self) {
-        if !self.running {
-            return;
-        }
-        self.running = false;
-        let (ok, _) = run(Command::new(POSTFIX)
-            .arg("-c")
-            .arg(&self.dir.path)
-            .arg("stop"));
-        let pid_file = self.dir.path.join("queue/pid/master.pid");
-        let gone = ok
-            && wait_for(WAIT, || {
-                std::net::TcpStream::connect_timeout(&self.addr(), Duration::from_millis(100))
-                    .is_err()
-            });
-        if !gone {
-            // Only this instance's master, by the PID in its own pid file.
-            if let Some(pid) = std::fs::read_to_string(&pid_file)
-                .ok()
-                .and_then(|s| s.trim().parse::<i32>().ok())
-            {
-                // SAFETY: kill has no memory preconditions; the PID is our instance's master.
-                unsafe {
-                    libc::kill(pid, libc::SIGTERM);
-                }
-            }
-        }
-    }
-}
-
-impl Drop for Postfix {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// The string value of `"key": "..."` in one JSON line (no escapes in the values we read).
-fn json_str(line: &str, key: &str) -> Option<String> {
-    let pat = format!("\"{key}\": \"");
-    let start = line.find(&pat)? + pat.len();
-    let end = line[start..].find('"')?;
-    Some(line[start..start + end].to_string())
-}
-
-fn count_sender(q: &[Queued], sender: &str) -> usize {
-    q.iter().filter(|m| m.sender == sender).count()
-}
 
 // ---------------------------------------------------------------------------------------------
 // The payloads
@@ -411,7 +171,7 @@ fn assert_no_second_message(
 /// something.
 #[test]
 fn postfix_control_run_without_the_guard_is_smuggled_into() {
-    let pf = Postfix::start();
+    let pf = lenient_postfix();
     let cases: Vec<Case> = cases("ctl")
         .into_iter()
         .filter(|c| c.name.ends_with("body"))
@@ -441,7 +201,7 @@ fn postfix_control_run_without_the_guard_is_smuggled_into() {
 /// front of the lenient Postfix: never a second message.
 #[test]
 fn postfix_behind_the_guard_never_accepts_a_smuggled_message() {
-    let pf = Postfix::start();
+    let pf = lenient_postfix();
     let up = pf.addr();
     let normalize = Guard::start(up, Some("bare_lf = \"normalize\"\n"));
     let reject = Guard::start(up, Some("bare_lf = \"reject\"\n"));
@@ -484,7 +244,7 @@ fn postfix_behind_the_guard_never_accepts_a_smuggled_message() {
 /// front of the lenient Postfix (which offers CHUNKING).
 #[test]
 fn postfix_behind_the_guard_pipelining_and_bdat() {
-    let pf = Postfix::start();
+    let pf = lenient_postfix();
     let g = Guard::start(pf.addr(), None);
     let mut c = g.client();
     let ehlo = c.cmd("EHLO client.test");

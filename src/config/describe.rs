@@ -134,6 +134,7 @@ pub fn settings(p: &Policy) -> Vec<Setting> {
                 .as_ref()
                 .map(|c| quote(&c.display().to_string())),
         },
+        set("upstream_identity", quote(p.upstream_identity.name())),
     ]
 }
 
@@ -281,6 +282,7 @@ rate_per_ip = { connections = 60, messages = 30 }
 rate_per_sender = 20
 pregreet_wait_ms = 1500
 reject_unauth_pipelining = true
+upstream_identity = "xclient"
 "#;
 
     #[test]

@@ -117,6 +117,35 @@ pub enum StartTls {
     Terminate,
 }
 
+/// How the upstream learns who the real client is (`upstream_identity`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum UpstreamIdentity {
+    /// It does not: the upstream sees mailguard's address.
+    #[serde(rename = "none")]
+    None,
+    /// A PROXY protocol v1 header opens every upstream connection.
+    #[serde(rename = "proxy-v1")]
+    ProxyV1,
+    /// A PROXY protocol v2 header opens every upstream connection.
+    #[serde(rename = "proxy-v2")]
+    ProxyV2,
+    /// Postfix's XCLIENT command, hidden from the client, when the upstream offers it.
+    #[serde(rename = "xclient")]
+    Xclient,
+}
+
+impl UpstreamIdentity {
+    /// The value as a policy file writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            UpstreamIdentity::None => "none",
+            UpstreamIdentity::ProxyV1 => "proxy-v1",
+            UpstreamIdentity::ProxyV2 => "proxy-v2",
+            UpstreamIdentity::Xclient => "xclient",
+        }
+    }
+}
+
 /// What a content or envelope rule does when it matches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -234,6 +263,7 @@ pub struct Policy {
     /// How long the banner is held back to catch clients that talk first; zero is off.
     pub pregreet_wait: Duration,
     pub reject_unauth_pipelining: bool,
+    pub upstream_identity: UpstreamIdentity,
     /// The header, MIME and body rules compiled once for every message under this policy.
     pub content: ContentCheck,
     /// The certificate for `starttls = "terminate"` and the upstream TLS settings.
@@ -375,6 +405,7 @@ impl Policy {
             allow,
             blocked_reply: file.blocked_reply.unwrap_or(BlockedReply::Reject),
             mask_banner: file.mask_banner.unwrap_or(false),
+            upstream_identity: file.upstream_identity.unwrap_or(UpstreamIdentity::None),
             extensions,
             max_recipients: file.max_recipients.unwrap_or(1000),
             max_message_size: file.max_message_size.unwrap_or(0),
@@ -562,6 +593,7 @@ struct File {
     upstream_tls: Option<Spanned<UpstreamTls>>,
     upstream_tls_verify: Option<bool>,
     upstream_tls_ca: Option<String>,
+    upstream_identity: Option<UpstreamIdentity>,
 }
 
 /// Validates the TLS keys and loads the files they name.

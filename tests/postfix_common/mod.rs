@@ -1,0 +1,446 @@
+//! A private Postfix instance for the end-to-end tests: its own config and queue directory
+//! under a temp dir, an smtpd on a free loopback port in 30000-39999, started with
+//! `postfix -c DIR start` and stopped with `postfix -c DIR stop` (its master killed by the PID
+//! in its own pid file if that fails). The system Postfix is never touched.
+//!
+//! Two roles, chosen with [`PostfixBuilder`]:
+//! - a receiving upstream (the default): every message its smtpd accepts waits in the hold
+//!   queue, so [`Postfix::queue`] lists exactly what it accepted and [`Postfix::message`] /
+//!   [`Postfix::body`] read one back with `postcat`;
+//! - a relaying client ([`PostfixBuilder::relayhost`]): mail handed to [`Postfix::sendmail`]
+//!   goes out through Postfix's own SMTP client to that host.
+//!
+//! main.cf overrides ([`PostfixBuilder::set`]) come last in main.cf, so they win over the base
+//! settings: `smtpd_authorized_xclient_hosts`, `smtpd_upstream_proxy_protocol`, TLS, etc.
+//!
+//! Needs the Debian package `postfix` (`.ci/run` installs it) and root (Postfix's master runs
+//! as root). Without them a test fails and says so; it never passes silently. This module owns
+//! no SMTP logic of its own and never touches the guard.
+
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::common::{wait_for, TempDir, WAIT};
+
+pub const POSTFIX: &str = "/usr/sbin/postfix";
+const HOW: &str = "install it as .ci/run does: apt-get install -y postfix";
+
+/// One message in a Postfix queue.
+#[derive(Debug, Clone)]
+pub struct Queued {
+    pub id: String,
+    pub sender: String,
+    pub recipients: Vec<String>,
+}
+
+/// Runs a command; (success, stdout then stderr as text).
+pub fn run(cmd: &mut Command) -> (bool, String) {
+    let (ok, out, err) = run_bytes(cmd);
+    let mut s = String::from_utf8_lossy(&out).into_owned();
+    s.push_str(&String::from_utf8_lossy(&err));
+    (ok, s)
+}
+
+/// Runs a command; (success, stdout, stderr) as bytes.
+fn run_bytes(cmd: &mut Command) -> (bool, Vec<u8>, Vec<u8>) {
+    match cmd.stdin(Stdio::null()).output() {
+        Ok(o) => (o.status.success(), o.stdout, o.stderr),
+        Err(e) => (false, Vec::new(), e.to_string().into_bytes()),
+    }
+}
+
+/// A port in 30000-39999 that was free a moment ago (away from the ephemeral range the other
+/// tests' `free_port` draws from, so a Postfix port is not taken between check and bind).
+pub fn free_port_in_range() -> u16 {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0) as usize
+        + std::process::id() as usize * 7919;
+    for i in 0..10_000 {
+        let port = 30_000 + ((seed + i * 104_729) % 10_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 30000-39999");
+}
+
+/// Whether this Postfix knows parameter `name`.
+pub fn postconf_knows(name: &str) -> bool {
+    let (ok, out) = run(Command::new("postconf").arg("-d").arg(name));
+    ok && out.starts_with(name)
+}
+
+/// How to start a private instance.
+#[derive(Default)]
+pub struct PostfixBuilder {
+    overrides: Vec<(String, String)>,
+    relayhost: Option<SocketAddr>,
+}
+
+impl PostfixBuilder {
+    pub fn new() -> PostfixBuilder {
+        PostfixBuilder::default()
+    }
+
+    /// A main.cf line `param = value`, after the base settings (so it wins).
+    pub fn set(mut self, param: &str, value: &str) -> PostfixBuilder {
+        self.overrides.push((param.to_string(), value.to_string()));
+        self
+    }
+
+    /// `set` only if this Postfix version knows `param` (newer hardening knobs).
+    pub fn set_if_known(self, param: &str, value: &str) -> PostfixBuilder {
+        if postconf_knows(param) {
+            self.set(param, value)
+        } else {
+            self
+        }
+    }
+
+    /// As lenient as this version goes: a bare LF ends a line (the pre-2024 behaviour that made
+    /// Postfix an SMTP-smuggling receiver, CVE-2023-51764), and no pipelining check.
+    pub fn lenient(self) -> PostfixBuilder {
+        self.set_if_known("smtpd_forbid_bare_newline", "no")
+            .set_if_known("smtpd_forbid_unauth_pipelining", "no")
+    }
+
+    /// Clients from these hosts may send XCLIENT (`smtpd_authorized_xclient_hosts`).
+    pub fn xclient_hosts(self, hosts: &str) -> PostfixBuilder {
+        self.set("smtpd_authorized_xclient_hosts", hosts)
+    }
+
+    /// The smtpd expects a PROXY header (`smtpd_upstream_proxy_protocol = haproxy`).
+    pub fn proxy_protocol(self) -> PostfixBuilder {
+        self.set("smtpd_upstream_proxy_protocol", "haproxy")
+    }
+
+    /// The smtpd offers STARTTLS with this certificate and key (PEM files).
+    pub fn tls(self, cert: &Path, key: &Path) -> PostfixBuilder {
+        self.set("smtpd_tls_cert_file", &cert.display().to_string())
+            .set("smtpd_tls_key_file", &key.display().to_string())
+            .set("smtpd_tls_security_level", "may")
+    }
+
+    /// A relaying client: mail from [`Postfix::sendmail`] goes to `host` with Postfix's SMTP
+    /// client (`relayhost = [ip]:port`, no MX lookup).
+    pub fn relayhost(mut self, host: SocketAddr) -> PostfixBuilder {
+        self.relayhost = Some(host);
+        self
+    }
+
+    #[track_caller]
+    pub fn start(self) -> Postfix {
+        assert_can_run();
+        let dir = TempDir::new();
+        let port = free_port_in_range();
+        make_dirs(&dir);
+        dir.write("main.cf", self.main_cf(&dir.path).as_bytes());
+        dir.write(
+            "master.cf",
+            master_cf(port, self.relayhost.is_some()).as_bytes(),
+        );
+        let mut pf = Postfix {
+            dir,
+            port,
+            running: false,
+        };
+        let (ok, out) = run(Command::new(POSTFIX)
+            .arg("-c")
+            .arg(&pf.dir.path)
+            .arg("start"));
+        pf.running = true;
+        let listening = wait_for(WAIT, || {
+            TcpStream::connect_timeout(&pf.addr(), Duration::from_millis(200)).is_ok()
+        });
+        assert!(
+            ok && listening,
+            "private Postfix did not start (exit ok: {ok}): {out}\nlog: {}",
+            pf.log()
+        );
+        pf
+    }
+
+    fn main_cf(&self, d: &Path) -> String {
+        let mut main = format!(
+            "compatibility_level = 3.6
+queue_directory = {q}
+data_directory = {data}
+command_directory = /usr/sbin
+daemon_directory = /usr/lib/postfix/sbin
+shlib_directory = /usr/lib/postfix
+meta_directory = /etc/postfix
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = postfix.test.invalid
+mydomain = test.invalid
+myorigin = $myhostname
+mydestination =
+inet_interfaces = loopback-only
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+smtpd_banner = $myhostname ESMTP
+maillog_file = {log}
+maillog_file_prefixes = {tmp}
+smtpd_peername_lookup = no
+in_flow_delay = 0
+smtpd_error_sleep_time = 0
+smtpd_client_restrictions =
+smtpd_recipient_restrictions = check_client_access static:HOLD, permit_mynetworks, reject
+smtpd_relay_restrictions = permit_mynetworks, reject
+local_header_rewrite_clients =
+default_transport = discard
+relay_transport = discard
+alias_maps =
+alias_database =
+biff = no
+",
+            q = d.join("queue").display(),
+            data = d.join("data").display(),
+            log = d.join("maillog").display(),
+            tmp = d.display(),
+        );
+        if let Some(host) = self.relayhost {
+            main.push_str(&format!(
+                "relayhost = [{}]:{}\ndefault_transport = smtp\nrelay_transport = smtp\n\
+                 smtp_address_preference = ipv4\n",
+                host.ip(),
+                host.port()
+            ));
+        }
+        for (param, value) in &self.overrides {
+            main.push_str(&format!("{param} = {value}\n"));
+        }
+        main
+    }
+}
+
+#[track_caller]
+fn assert_can_run() {
+    assert!(
+        Path::new(POSTFIX).exists(),
+        "Postfix is not installed ({POSTFIX} missing): {HOW}"
+    );
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "a private Postfix instance needs root (its master binds and drops privileges)"
+    );
+}
+
+fn make_dirs(dir: &TempDir) {
+    let data = dir.path.join("data");
+    std::fs::create_dir_all(dir.path.join("queue")).expect("create the queue directory");
+    std::fs::create_dir_all(&data).expect("create the data directory");
+    let (ok, out) = run(Command::new("chown").arg("postfix").arg(&data));
+    assert!(ok, "chown postfix {}: {out}", data.display());
+}
+
+fn master_cf(port: u16, smtp_client: bool) -> String {
+    let mut m = format!(
+        "127.0.0.1:{port} inet n - n - - smtpd
+pickup    unix  n - n 60 1 pickup
+cleanup   unix  n - n - 0 cleanup
+qmgr      unix  n - n 300 1 qmgr
+rewrite   unix  - - n - - trivial-rewrite
+bounce    unix  - - n - 0 bounce
+defer     unix  - - n - 0 bounce
+trace     unix  - - n - 0 bounce
+verify    unix  - - n - 1 verify
+flush     unix  n - n 1000? 0 flush
+proxymap  unix  - - n - - proxymap
+showq     unix  n - n - - showq
+error     unix  - - n - - error
+retry     unix  - - n - - error
+discard   unix  - - n - - discard
+anvil     unix  - - n - 1 anvil
+scache    unix  - - n - 1 scache
+postlog   unix-dgram n - n - 1 postlogd
+"
+    );
+    if smtp_client {
+        m.push_str("smtp      unix  - - n - - smtp\nrelay     unix  - - n - - smtp\n");
+    }
+    m
+}
+
+/// A running private instance; stopped on drop.
+pub struct Postfix {
+    pub dir: TempDir,
+    pub port: u16,
+    running: bool,
+}
+
+impl Postfix {
+    /// A receiving instance with the base settings.
+    #[track_caller]
+    pub fn start() -> Postfix {
+        PostfixBuilder::new().start()
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path.join("maillog")).unwrap_or_default()
+    }
+
+    /// Every message in the queue (for a receiving instance: every message it accepted, all
+    /// waiting in its hold queue).
+    pub fn queue(&self) -> Vec<Queued> {
+        let (ok, out) = run(Command::new("postqueue")
+            .arg("-c")
+            .arg(&self.dir.path)
+            .arg("-j"));
+        assert!(ok, "postqueue -j: {out}");
+        out.lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| Queued {
+                id: json_str(l, "queue_id").unwrap_or_default(),
+                sender: json_str(l, "sender").unwrap_or_default(),
+                recipients: json_all(l, "address"),
+            })
+            .collect()
+    }
+
+    /// The body of queued message `id`, as text (see [`Postfix::message`] for the bytes).
+    pub fn body(&self, id: &str) -> String {
+        String::from_utf8_lossy(&self.postcat("-bq", id)).into_owned()
+    }
+
+    /// Queued message `id` as `postcat -hbq` prints it: the header block (with Postfix's own
+    /// Received line first), the empty line, the body. Postfix stores each line without its
+    /// line ending and postcat ends each with LF, so the bytes are the message as received
+    /// with CRLF turned into LF and dot-stuffing undone; nothing else changes.
+    pub fn message(&self, id: &str) -> Vec<u8> {
+        self.postcat("-hbq", id)
+    }
+
+    fn postcat(&self, flags: &str, id: &str) -> Vec<u8> {
+        let (ok, out, err) = run_bytes(
+            Command::new("postcat")
+                .arg("-c")
+                .arg(&self.dir.path)
+                .arg(flags)
+                .arg(id),
+        );
+        assert!(
+            ok,
+            "postcat {flags} {id}: {}",
+            String::from_utf8_lossy(&err)
+        );
+        out
+    }
+
+    /// Waits (bounded by `timeout`) until the queue holds `n` messages; returns them.
+    pub fn wait_queue(&self, n: usize, timeout: Duration) -> Vec<Queued> {
+        let mut q = Vec::new();
+        wait_for(timeout, || {
+            q = self.queue();
+            q.len() >= n
+        });
+        q
+    }
+
+    /// Hands `message` (LF or CRLF lines) to this instance's `sendmail` for `to`, envelope
+    /// sender `from`; `-i` so a lone dot line is data.
+    #[track_caller]
+    pub fn sendmail(&self, from: &str, to: &[&str], message: &[u8]) {
+        use std::io::Write;
+        let mut child = Command::new("/usr/sbin/sendmail")
+            .arg("-C")
+            .arg(&self.dir.path)
+            .arg("-i")
+            .arg("-f")
+            .arg(from)
+            .arg("--")
+            .args(to)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn Postfix sendmail");
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(message).expect("write to sendmail");
+        }
+        let out = child.wait_with_output().expect("wait for sendmail");
+        assert!(
+            out.status.success(),
+            "sendmail -C {}: {}{}",
+            self.dir.path.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn stop(&mut self) {
+        if !self.running {
+            return;
+        }
+        self.running = false;
+        let (ok, _) = run(Command::new(POSTFIX)
+            .arg("-c")
+            .arg(&self.dir.path)
+            .arg("stop"));
+        let gone = ok
+            && wait_for(WAIT, || {
+                TcpStream::connect_timeout(&self.addr(), Duration::from_millis(100)).is_err()
+            });
+        if !gone {
+            self.kill_master();
+        }
+    }
+
+    /// Only this instance's master, by the PID in its own pid file.
+    fn kill_master(&self) {
+        let pid_file: PathBuf = self.dir.path.join("queue/pid/master.pid");
+        if let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        {
+            // SAFETY: kill has no memory preconditions; the PID is our instance's master.
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+            }
+        }
+    }
+}
+
+impl Drop for Postfix {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The string value of `"key": "..."` in one JSON line (no escapes in the values we read).
+pub fn json_str(line: &str, key: &str) -> Option<String> {
+    json_all(line, key).into_iter().next()
+}
+
+/// Every string value of `"key": "..."` in one JSON line.
+fn json_all(line: &str, key: &str) -> Vec<String> {
+    let pat = format!("\"{key}\": \"");
+    let mut v = Vec::new();
+    let mut rest = line;
+    while let Some(at) = rest.find(&pat) {
+        let start = at + pat.len();
+        let Some(end) = rest[start..].find('"') else {
+            break;
+        };
+        v.push(rest[start..start + end].to_string());
+        rest = &rest[start + end..];
+    }
+    v
+}
+
+/// Count of queued messages from `sender`.
+pub fn count_sender(q: &[Queued], sender: &str) -> usize {
+    q.iter().filter(|m| m.sender == sender).count()
+}
