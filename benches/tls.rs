@@ -1,7 +1,7 @@
 //! The TLS layer of `starttls = "terminate"` in memory, against a rustls client: handshakes/s
-//! (a fresh `ServerSide` and a full TLS 1.3 handshake each time, ECDSA P-256 certificate) and
+//! (a fresh `Endpoint::server` and a full TLS 1.3 handshake each time, ECDSA P-256 certificate) and
 //! encrypted MB/s (16 KiB of a mail body encrypted by the client and decrypted by
-//! `ServerSide::receive`, so the figure is both ends together). No sockets: this is the CPU
+//! `Endpoint::receive`, so the figure is both ends together). No sockets: this is the CPU
 //! cost the ring's worker pays per session and per byte.
 //!
 //! A CA and a leaf certificate are made with `openssl` in a temporary directory at start.
@@ -13,7 +13,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use mailguard::tls::{self, ServerSide};
+use mailguard::tls::{self, Endpoint};
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig};
 
@@ -105,10 +105,10 @@ impl Drop for Keys {
 fn handshake(
     server: &Arc<ServerConfig>,
     client: &Arc<ClientConfig>,
-) -> (ServerSide, ClientConnection) {
+) -> (Endpoint, ClientConnection) {
     let name = ServerName::try_from("localhost").expect("name");
     let mut c = ClientConnection::new(Arc::clone(client), name).expect("client");
-    let mut s = ServerSide::new(Arc::clone(server)).expect("server");
+    let mut s = Endpoint::server(Arc::clone(server)).expect("server");
     let mut plain = Vec::new();
     for _ in 0..16 {
         if !c.is_handshaking() && !s.is_handshaking() {

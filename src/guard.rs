@@ -10,7 +10,9 @@
 //!
 //! Sessions under `starttls = "terminate"` route the client's bytes through the sans-IO TLS
 //! layer ([`crate::tls`]) once the engine has answered STARTTLS: ciphertext from the ring goes
-//! in, plaintext to the engine, and its replies to the client come back encrypted.
+//! in, plaintext to the engine, and its replies to the client come back encrypted. Under
+//! `upstream_tls = "starttls"` the upstream's bytes do the same once its 220 to mailguard's
+//! own STARTTLS came.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -24,9 +26,10 @@ use crate::config::Policy;
 use crate::proto::rate::{RateKey, Rates};
 use crate::proto::{Identity, Refusal, Session};
 use crate::proxy_header;
+use crate::relay::Side;
 use crate::relay::{Action, Chunk, Proxy, ProxyFactory};
 use crate::tally::{self, End, EngineTotals, Event, SessionReport, Watch};
-use crate::tls::{self, ServerSide};
+use crate::tls::{self, Sides};
 
 /// The policy in force, replaced as a whole on reload. Readers look at the generation (one
 /// atomic load per accept) and take the lock only when it changed.
@@ -182,10 +185,8 @@ pub struct GuardSession {
     trace_decisions: bool,
     /// The server asked it to end (a drain).
     draining: bool,
-    /// What the client is shown when the guard terminates STARTTLS.
-    tls_config: Option<Arc<rustls::ServerConfig>>,
-    /// The client connection's TLS, from the engine's `220` to STARTTLS on.
-    tls: Option<ServerSide>,
+    /// The TLS of either side, once the engine switched it.
+    tls: Sides,
     /// On a PROXY listener, until the header has been read: the engine session does not
     /// exist yet (`inner` is a placeholder that is never started).
     awaiting: Option<Box<AwaitHeader>>,
@@ -260,8 +261,7 @@ impl GuardSession {
             upstream_bytes: 0,
             end: None,
             draining: false,
-            tls_config: None,
-            tls: None,
+            tls: Sides::default(),
             awaiting: None,
             trace_decisions: tracing::enabled!(
                 target: "mailguard::decision",
@@ -299,25 +299,19 @@ impl GuardSession {
     ) {
         let from = out.len();
         self.step(event, out, call);
-        let seal_from = match self.inner.take_tls_switch() {
-            Some(at) => {
-                self.tls = self.tls_config.clone().and_then(ServerSide::new);
-                if self.tls.is_none() {
-                    self.fail_tls(out);
-                    return;
-                }
-                at
-            }
-            None => from,
-        };
-        if let Some(tls) = &mut self.tls {
-            tls.seal(out, seal_from, input, copy_input);
+        let client_switch = self.inner.take_tls_switch();
+        let upstream_switch = self.inner.take_upstream_tls_switch();
+        let sealed = self
+            .tls
+            .seal(out, from, input, copy_input, client_switch, upstream_switch);
+        if !sealed {
+            self.fail_tls(out);
         }
     }
 
     /// Ciphertext from a client that started TLS.
     fn on_client_tls(&mut self, data: &[u8], now: Instant, out: &mut Vec<Action>) {
-        let Some(tls) = &mut self.tls else {
+        let Some(tls) = &mut self.tls.client else {
             return;
         };
         let was_handshaking = tls.is_handshaking();
@@ -325,7 +319,7 @@ impl GuardSession {
         let mut wire = Vec::new();
         let ok = tls.receive(data, &mut plain, &mut wire);
         let established = was_handshaking && !tls.is_handshaking();
-        tls::push_wire(out, &mut wire);
+        tls::push_wire(out, Side::Client, &mut wire);
         if !ok {
             self.fail_tls(out);
             return;
@@ -336,6 +330,39 @@ impl GuardSession {
         if !plain.is_empty() {
             self.run(Event::Client, out, &plain, true, |s, out| {
                 s.on_client(&plain, now, out)
+            });
+        }
+    }
+
+    /// Ciphertext from an upstream mailguard started TLS with. A failed handshake (its
+    /// certificate did not verify, say) is the upstream lost: the client gets the engine's
+    /// `421`, and nothing is relayed in plain text.
+    fn on_upstream_tls(&mut self, data: &[u8], now: Instant, out: &mut Vec<Action>) {
+        let Some(tls) = &mut self.tls.upstream else {
+            return;
+        };
+        let was_handshaking = tls.is_handshaking();
+        let mut plain = Vec::new();
+        let mut wire = Vec::new();
+        let ok = tls.receive(data, &mut plain, &mut wire);
+        let established = was_handshaking && !tls.is_handshaking();
+        tls::push_wire(out, Side::Upstream, &mut wire);
+        if !ok {
+            self.tls.upstream = None;
+            tracing::warn!(target: "mailguard::session", peer = %self.peer, "upstream TLS failed");
+            self.run(Event::UpstreamClosed, out, &[], false, |s, out| {
+                s.on_upstream_closed(now, out)
+            });
+            return;
+        }
+        if established {
+            self.run(Event::Upstream, out, &[], false, |s, out| {
+                s.upstream_tls_established(now, out)
+            });
+        }
+        if !plain.is_empty() {
+            self.run(Event::Upstream, out, &plain, true, |s, out| {
+                s.on_upstream(&plain, now, out)
             });
         }
     }
@@ -441,7 +468,7 @@ impl Proxy for GuardSession {
         if self.awaiting.is_some() {
             return self.on_header_bytes(data, now, out);
         }
-        if self.tls.is_some() {
+        if self.tls.client.is_some() {
             return self.on_client_tls(data, now, out);
         }
         self.run(Event::Client, out, data, false, |s, out| {
@@ -450,6 +477,9 @@ impl Proxy for GuardSession {
     }
     fn on_upstream(&mut self, data: &[u8], now: Instant, out: &mut Vec<Action>) {
         self.upstream_bytes += data.len() as u64;
+        if self.tls.upstream.is_some() {
+            return self.on_upstream_tls(data, now, out);
+        }
         self.run(Event::Upstream, out, data, false, |s, out| {
             s.on_upstream(data, now, out)
         });
@@ -457,8 +487,8 @@ impl Proxy for GuardSession {
     fn on_upstream_connected(&mut self, now: Instant, out: &mut Vec<Action>) {
         let from = out.len();
         self.inner.on_upstream_connected(now, out);
-        if let Some(tls) = &mut self.tls {
-            tls.seal(out, from, &[], false);
+        if !self.tls.seal(out, from, &[], false, None, None) {
+            self.fail_tls(out);
         }
     }
     fn on_upstream_failed(&mut self, now: Instant, out: &mut Vec<Action>) {
@@ -582,7 +612,8 @@ impl SessionFactory {
     ) -> GuardSession {
         let mut session = GuardSession::new(inner, permit, peer, now);
         session.generation = self.generation;
-        session.tls_config = self.policy.tls.server.clone();
+        let t = &self.policy.tls;
+        session.tls = Sides::new(t.server.clone(), t.client.clone(), self.upstream);
         session
     }
 }

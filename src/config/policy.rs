@@ -619,19 +619,6 @@ fn tls_policy(
         };
         invalid(text, origin, at, missing.message())
     })?;
-    if let Some(u) = file
-        .upstream_tls
-        .as_ref()
-        .filter(|u| *u.get_ref() == UpstreamTls::Starttls)
-    {
-        // Refused rather than silently sent in plain text.
-        return Err(invalid(
-            text,
-            origin,
-            u.span().start,
-            "upstream_tls = \"starttls\" is not implemented in this build yet",
-        ));
-    }
     keys.load().map_err(|source| PolicyError::Tls {
         path: origin.to_string(),
         source,

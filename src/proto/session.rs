@@ -24,7 +24,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::config::{BareLf, BlockedReply, Policy, RuleAction, UpstreamIdentity};
+use crate::config::{BareLf, BlockedReply, Policy, RuleAction, UpstreamIdentity, UpstreamTls};
 use crate::relay::{Action, Chunk, Proxy, Side};
 
 use super::command::{self, AddressFault};
@@ -359,12 +359,14 @@ pub struct Session {
     preamble: Preamble,
     /// The upstream's greeting, kept from the client until the preamble is over.
     greeting: Option<Vec<u8>>,
+    /// Where in the last call's actions the upstream connection became TLS.
+    upstream_tls_switch: Option<usize>,
 }
 
 impl Session {
     /// A session for a client just accepted, under `policy`.
     pub fn new(policy: Arc<Policy>, now: Instant) -> Session {
-        Session {
+        let mut s = Session {
             policy,
             up: Up::Connecting { replay: false },
             mode: ClientMode::Command,
@@ -406,7 +408,10 @@ impl Session {
             identity: None,
             preamble: Preamble::plan(UpstreamIdentity::None, None, None),
             greeting: None,
-        }
+            upstream_tls_switch: None,
+        };
+        s.preamble = s.plan_preamble();
+        s
     }
 
     /// Tells the upstream who the client is, as the policy's `upstream_identity` says.
@@ -418,11 +423,16 @@ impl Session {
 
     fn plan_preamble(&self) -> Preamble {
         let greeted = self.helo.as_deref().and_then(greeted);
-        Preamble::plan(
+        let plan = Preamble::plan(
             self.policy.upstream_identity,
             self.identity,
             greeted.as_ref(),
-        )
+        );
+        if self.policy.tls.upstream == UpstreamTls::Starttls {
+            plan.with_starttls()
+        } else {
+            plan
+        }
     }
 
     /// A session that refuses the client before any banner and never contacts the upstream.
@@ -1130,6 +1140,19 @@ impl Session {
     fn preamble_next(&mut self, next: Next, replay: bool, out: &mut Vec<Action>) {
         match next {
             Next::Send(line) => send(out, Side::Upstream, Chunk::Owned(line)),
+            Next::StartTls => self.upstream_tls_switch = Some(out.len()),
+            Next::Refused => {
+                // The policy asks for TLS to the upstream: no mail goes there in plain text.
+                self.counters.upstream_failures += 1;
+                self.fail_close(
+                    if replay {
+                        text::UPSTREAM_LOST
+                    } else {
+                        text::UNAVAILABLE
+                    },
+                    out,
+                );
+            }
             Next::Done => {
                 if self.preamble.shortfall().is_some() {
                     self.counters.identity_unsent = 1;
@@ -1749,6 +1772,7 @@ impl Session {
 }
 
 mod starttls;
+mod upstream_tls;
 
 #[cfg(test)]
 mod tests;

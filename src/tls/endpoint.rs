@@ -1,33 +1,57 @@
-//! One client connection's TLS server state (rustls's buffered `ServerConnection`), and the
-//! rewriting of the engine's actions across the encryption boundary. Must not decide anything
-//! about SMTP: it never looks inside the plaintext.
+//! One side's TLS state (rustls's buffered `ServerConnection` towards the client,
+//! `ClientConnection` towards the upstream), and the rewriting of the engine's actions across
+//! the encryption boundary. Must not decide anything about SMTP: it never looks inside the
+//! plaintext.
 
 use std::io::{Read, Write};
 use std::sync::Arc;
 
-use rustls::{ServerConfig, ServerConnection};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, Connection, ServerConfig, ServerConnection};
 
 use crate::relay::{Action, Chunk, Side};
 
 /// Most plaintext taken out of rustls per read call (its own buffer limit bounds the total).
 const READ_STEP: usize = 16 * 1024;
 
-/// The TLS server side of one session, from the first ClientHello byte on.
+/// One TLS connection of a session: the server side towards the client from its first
+/// ClientHello byte on, or the client side towards the upstream from its 220 to STARTTLS on.
 #[derive(Debug)]
-pub struct ServerSide {
-    conn: ServerConnection,
+pub struct Endpoint {
+    conn: Connection,
+    /// The side of the session this connection is on.
+    side: Side,
     /// The handshake failed or the peer sent a fatal alert: nothing more is read or written.
     failed: bool,
 }
 
-impl ServerSide {
-    /// A server connection under `config`; `None` only if rustls refuses the config itself.
-    pub fn new(config: Arc<ServerConfig>) -> Option<ServerSide> {
+impl Endpoint {
+    /// The server side towards the client; `None` only if rustls refuses the config itself.
+    pub fn server(config: Arc<ServerConfig>) -> Option<Endpoint> {
         let conn = ServerConnection::new(config).ok()?;
-        Some(ServerSide {
-            conn,
+        Some(Endpoint {
+            conn: conn.into(),
+            side: Side::Client,
             failed: false,
         })
+    }
+
+    /// The client side towards the upstream, verifying (or not, per the config) `name`. Its
+    /// ClientHello is ready at once: see [`Endpoint::pending`].
+    pub fn client(config: Arc<ClientConfig>, name: ServerName<'static>) -> Option<Endpoint> {
+        let conn = ClientConnection::new(config, name).ok()?;
+        Some(Endpoint {
+            conn: conn.into(),
+            side: Side::Upstream,
+            failed: false,
+        })
+    }
+
+    /// Queues the TLS records owed to the peer now (a client's ClientHello).
+    pub fn pending(&mut self, actions: &mut Vec<Action>) {
+        let mut wire = Vec::new();
+        self.flush(&mut wire);
+        push_wire(actions, self.side, &mut wire);
     }
 
     /// The handshake has not completed yet.
@@ -115,42 +139,56 @@ impl ServerSide {
         }
     }
 
-    /// Rewrites `actions[from..]`, produced by an engine call whose input was `input`: client
-    /// sends are encrypted into owned chunks (kept in order with the other actions), and
-    /// upstream sends that borrow from `input` are copied when `input` is not the ring's
-    /// buffer (it was plaintext this layer decrypted).
-    pub fn seal(&mut self, actions: &mut Vec<Action>, from: usize, input: &[u8], copy_input: bool) {
+    /// Rewrites `actions[from..]`, produced by an engine call whose input was `input`: sends
+    /// to this endpoint's side are encrypted into owned chunks (kept in order with the other
+    /// actions), and sends to the other side that borrow from `input` are copied when `input`
+    /// is not the ring's buffer (it was plaintext a TLS layer decrypted). Returns false when an
+    /// upstream endpoint's connection ended in these actions (dropped or replaced): what
+    /// follows is for a new connection and is left as it is.
+    pub fn seal(
+        &mut self,
+        actions: &mut Vec<Action>,
+        from: usize,
+        input: &[u8],
+        copy_input: bool,
+    ) -> bool {
         let tail: Vec<Action> = actions.drain(from..).collect();
         let mut wire = Vec::new();
+        let mut live = true;
         for action in tail {
             match action {
-                Action::Send(Side::Client, chunk) => self.send(chunk.bytes(input), &mut wire),
-                Action::Send(Side::Upstream, Chunk::Input(range)) if copy_input => {
-                    push_wire(actions, &mut wire);
-                    let bytes = input[range].to_vec();
-                    actions.push(Action::Send(Side::Upstream, Chunk::Owned(bytes)));
+                Action::Send(side, chunk) if side == self.side && live => {
+                    self.send(chunk.bytes(input), &mut wire)
                 }
-                Action::Close => {
+                Action::Send(side, Chunk::Input(range)) if copy_input => {
+                    push_wire(actions, self.side, &mut wire);
+                    let bytes = input[range].to_vec();
+                    actions.push(Action::Send(side, Chunk::Owned(bytes)));
+                }
+                Action::Close if live => {
                     self.close(&mut wire);
-                    push_wire(actions, &mut wire);
+                    push_wire(actions, self.side, &mut wire);
                     actions.push(Action::Close);
                 }
                 other => {
-                    push_wire(actions, &mut wire);
+                    if self.side == Side::Upstream
+                        && matches!(other, Action::CloseUpstream | Action::Connect)
+                    {
+                        live = false;
+                    }
+                    push_wire(actions, self.side, &mut wire);
                     actions.push(other);
                 }
             }
         }
-        push_wire(actions, &mut wire);
+        push_wire(actions, self.side, &mut wire);
+        live
     }
 }
 
-/// Queues the records written so far for the client.
-pub fn push_wire(actions: &mut Vec<Action>, wire: &mut Vec<u8>) {
+/// Queues the records written so far for `side`.
+pub fn push_wire(actions: &mut Vec<Action>, side: Side, wire: &mut Vec<u8>) {
     if !wire.is_empty() {
-        actions.push(Action::Send(
-            Side::Client,
-            Chunk::Owned(std::mem::take(wire)),
-        ));
+        actions.push(Action::Send(side, Chunk::Owned(std::mem::take(wire))));
     }
 }
