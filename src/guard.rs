@@ -348,8 +348,14 @@ impl GuardSession {
         let established = was_handshaking && !tls.is_handshaking();
         tls::push_wire(out, Side::Upstream, &mut wire);
         if !ok {
+            let error = tls.error().unwrap_or("connection failed").to_string();
             self.tls.upstream = None;
-            tracing::warn!(target: "mailguard::session", peer = %self.peer, "upstream TLS failed");
+            tracing::warn!(
+                target: "mailguard::session",
+                peer = %self.peer,
+                %error,
+                "upstream TLS failed"
+            );
             self.run(Event::UpstreamClosed, out, &[], false, |s, out| {
                 s.on_upstream_closed(now, out)
             });

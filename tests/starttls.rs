@@ -3,22 +3,27 @@
 //! s_client and a rustls client, and keeps inspecting the plaintext, which is what reaches the
 //! recording upstream.
 //!
+//! `upstream_tls = "starttls"` runs against a private Postfix offering STARTTLS, whose Received
+//! header must say the hop from mailguard was TLS.
+//!
 //! Certificates are made per test with `openssl req` in a TempDir: a test CA, a server
 //! certificate for 127.0.0.1 signed by it, and a second, unrelated CA.
 
 mod common;
+mod postfix_common;
 mod smtplib_client;
 
 use common::*;
 use serde_json::json;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use postfix_common::{Postfix, PostfixBuilder};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
@@ -589,4 +594,131 @@ fn sighup_reloads_the_certificate_and_a_broken_one_keeps_the_old() {
     let sent = smtplib_client::send(HEAD, g.addr, FROM, TO, &spec, "smtplib old CA");
     assert_eq!(sent.status, "disconnected", "{sent:?}");
     assert_eq!(up.wait_messages(1).len(), 1);
+}
+
+/// A private Postfix offering STARTTLS with `pki`'s certificate (for 127.0.0.1) and saying in
+/// its Received header whether the hop was TLS; it also takes XCLIENT from loopback.
+fn tls_postfix(pki: &Pki) -> Postfix {
+    PostfixBuilder::new()
+        .tls(&pki.path("cert.pem"), &pki.path("key.pem"))
+        .set("smtpd_tls_received_header", "yes")
+        .xclient_hosts("127.0.0.0/8")
+        .start()
+}
+
+/// The Received line Postfix added to its only queued message, unfolded.
+#[track_caller]
+fn received_by(postfix: &Postfix) -> String {
+    let q = postfix.wait_queue(1, Duration::from_secs(20));
+    assert_eq!(q.len(), 1, "Postfix queued {q:?}; log: {}", postfix.log());
+    let message = String::from_utf8_lossy(&postfix.message(&q[0].id)).into_owned();
+    let head = message.split("\n\n").next().unwrap_or_default().to_string();
+    head.split("\nReceived:")
+        .next()
+        .unwrap_or_default()
+        .replace("\n\t", " ")
+        .replace("\n ", " ")
+}
+
+/// A plain-text session from `from` delivering one message.
+#[track_caller]
+fn deliver_plain(from: IpAddr, guard: SocketAddr, sender: &str) {
+    let mut c = Client::connect_from(from, guard);
+    c.read_reply().expect_code(220);
+    let ehlo = c.ehlo();
+    assert!(!ehlo.text().contains("XCLIENT"), "{ehlo}");
+    c.send_message(sender, "rcpt@example.com", b"Subject: up\r\n\r\nhello\r\n")
+        .expect_code(250);
+    c.cmd("QUIT").expect_code(221);
+    c.expect_closed();
+}
+
+#[test]
+fn upstream_starttls_to_postfix_verified_and_both_hops_encrypted() {
+    let pki = Pki::new();
+    let postfix = tls_postfix(&pki);
+    let policy = pki.policy(&format!(
+        "upstream_tls = \"starttls\"\nupstream_tls_ca = \"{}\"",
+        pki.ca()
+    ));
+    let g = Guard::start(postfix.addr(), Some(&policy));
+    let spec = json!({ "starttls": pki.ca(), "text": "TLS on both hops\n" });
+    let sent = smtplib_client::send(HEAD, g.addr, FROM, TO, &spec, "smtplib both hops");
+    assert_eq!(
+        sent.status,
+        "ok",
+        "{sent:?}; guard: {}\npostfix: {}",
+        g.stderr(),
+        postfix.log()
+    );
+    let received = received_by(&postfix);
+    assert!(
+        received.contains("using TLS"),
+        "the hop from mailguard was not TLS: {received}\nlog: {}",
+        postfix.log()
+    );
+}
+
+#[test]
+fn upstream_starttls_with_xclient_names_the_client_inside_tls() {
+    let pki = Pki::new();
+    let postfix = tls_postfix(&pki);
+    let policy = format!(
+        "upstream_tls = \"starttls\"\nupstream_tls_ca = \"{}\"\nupstream_identity = \"xclient\"\n",
+        pki.ca()
+    );
+    let g = Guard::start(postfix.addr(), Some(&policy));
+    deliver_plain(
+        "127.0.0.2".parse().unwrap(),
+        g.addr,
+        "xclient-tls@example.org",
+    );
+    let received = received_by(&postfix);
+    assert!(received.contains("[127.0.0.2]"), "{received}");
+    assert!(received.contains("using TLS"), "{received}");
+}
+
+#[test]
+fn upstream_certificate_of_another_ca_is_refused_unless_verify_is_off() {
+    let pki = Pki::new();
+    let postfix = tls_postfix(&pki);
+    let policy = format!(
+        "upstream_tls = \"starttls\"\nupstream_tls_ca = \"{}\"\n",
+        pki.other_ca()
+    );
+    let g = Guard::start(postfix.addr(), Some(&policy));
+    let mut c = Client::connect(g.addr);
+    // The banner waits for the preamble; the failed verification answers instead of it.
+    c.read_reply().expect(421, "4.3.0");
+    c.expect_closed();
+    assert!(postfix.queue().is_empty());
+    drop(g);
+
+    let policy = "upstream_tls = \"starttls\"\nupstream_tls_verify = false\n";
+    let g = Guard::start(postfix.addr(), Some(policy));
+    deliver_plain("127.0.0.1".parse().unwrap(), g.addr, "noverify@example.org");
+    assert!(received_by(&postfix).contains("using TLS"));
+}
+
+#[test]
+fn upstream_starttls_failing_sends_nothing_in_plain_text() {
+    // The recording upstream answers STARTTLS with 220, then plain text instead of TLS: the
+    // handshake fails and the client is told the service is unavailable.
+    let up = Upstream::with(UpstreamOptions {
+        tls_reply: b"250 this is not TLS\r\n".to_vec(),
+        ..UpstreamOptions::default()
+    });
+    let policy = "upstream_tls = \"starttls\"\nupstream_tls_verify = false\n";
+    let g = Guard::start(up.addr, Some(policy));
+    let mut c = Client::connect(g.addr);
+    c.read_reply().expect(421, "4.3.0");
+    c.expect_closed();
+    let conns = up.wait_conns(1);
+    assert!(conns[0].starttls, "mailguard asked for STARTTLS");
+    assert!(
+        conns[0].after_starttls.first() == Some(&0x16),
+        "a TLS handshake record followed: {}",
+        show(&conns[0].after_starttls)
+    );
+    assert!(!up.saw_command_containing(b"MAIL"));
 }

@@ -23,6 +23,8 @@ pub struct Endpoint {
     side: Side,
     /// The handshake failed or the peer sent a fatal alert: nothing more is read or written.
     failed: bool,
+    /// What rustls said when it failed, for the log.
+    error: Option<String>,
 }
 
 impl Endpoint {
@@ -33,6 +35,7 @@ impl Endpoint {
             conn: conn.into(),
             side: Side::Client,
             failed: false,
+            error: None,
         })
     }
 
@@ -44,6 +47,7 @@ impl Endpoint {
             conn: conn.into(),
             side: Side::Upstream,
             failed: false,
+            error: None,
         })
     }
 
@@ -57,6 +61,16 @@ impl Endpoint {
     /// The handshake has not completed yet.
     pub fn is_handshaking(&self) -> bool {
         self.conn.is_handshaking()
+    }
+
+    fn fail(&mut self, error: String) {
+        self.failed = true;
+        self.error.get_or_insert(error);
+    }
+
+    /// Why the connection failed, if it did.
+    pub fn error(&self) -> Option<&str> {
+        self.error.as_deref()
     }
 
     /// Whether a fatal TLS error ended this connection.
@@ -77,10 +91,10 @@ impl Endpoint {
             match self.conn.read_tls(&mut ciphertext) {
                 Ok(0) => break,
                 Ok(_) => {}
-                Err(_) => self.failed = true,
+                Err(e) => self.fail(e.to_string()),
             }
-            if self.conn.process_new_packets().is_err() {
-                self.failed = true;
+            if let Err(e) = self.conn.process_new_packets() {
+                self.fail(e.to_string());
             }
             self.take_plaintext(plain);
         }

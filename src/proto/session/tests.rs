@@ -985,3 +985,44 @@ fn proxy_header_opens_every_upstream_connection() {
 fn proxy_header_v1(client: &str, local: &str) -> Vec<u8> {
     crate::proxy_header::v1(client.parse().unwrap(), local.parse().unwrap())
 }
+
+#[test]
+fn upstream_starttls_runs_hidden_and_a_refusal_closes_before_any_banner() {
+    const POLICY: &str = "upstream_tls = \"starttls\"\nupstream_tls_verify = false";
+    let mut p = Pair::new(POLICY);
+    p.connected();
+    p.upstream(BANNER);
+    assert!(
+        p.take_client().is_empty(),
+        "banner held during the preamble"
+    );
+    assert_eq!(p.take_up(), b"EHLO mailguard\r\n");
+    p.upstream(EHLO_REPLY);
+    assert_eq!(p.take_up(), b"STARTTLS\r\n");
+    let mut out = Vec::new();
+    p.s.on_upstream(b"220 2.0.0 go ahead\r\n", p.now, &mut out);
+    assert_eq!(p.s.take_upstream_tls_switch(), Some(out.len()));
+    p.apply(&[], out);
+    assert!(p.take_up().is_empty(), "nothing more until the handshake");
+    let mut out = Vec::new();
+    p.s.upstream_tls_established(p.now, &mut out);
+    p.apply(&[], out);
+    assert_eq!(p.take_up(), b"EHLO mailguard\r\n", "EHLO again, inside TLS");
+    p.upstream(EHLO_REPLY);
+    assert_eq!(
+        p.take_client(),
+        BANNER,
+        "the banner once the preamble is over"
+    );
+
+    let mut refused = Pair::new(POLICY);
+    refused.connected();
+    refused.upstream(BANNER);
+    refused.upstream(EHLO_REPLY);
+    refused.upstream(b"454 4.7.0 TLS not available\r\n");
+    assert_eq!(
+        refused.take_client(),
+        b"421 4.3.0 Service unavailable, try again later\r\n"
+    );
+    assert!(refused.closed);
+}
