@@ -660,22 +660,39 @@ fn upstream_starttls_to_postfix_verified_and_both_hops_encrypted() {
 }
 
 #[test]
-fn upstream_starttls_with_xclient_names_the_client_inside_tls() {
+fn upstream_starttls_with_xclient_names_the_client_inside_tls_also_after_a_reconnect() {
     let pki = Pki::new();
     let postfix = tls_postfix(&pki);
     let policy = format!(
         "upstream_tls = \"starttls\"\nupstream_tls_ca = \"{}\"\nupstream_identity = \"xclient\"\n",
         pki.ca()
     );
+    let policy = format!("{policy}bare_lf = \"reject\"\n");
     let g = Guard::start(postfix.addr(), Some(&policy));
-    deliver_plain(
-        "127.0.0.2".parse().unwrap(),
-        g.addr,
+    let mut c = Client::connect_from("127.0.0.2".parse().unwrap(), g.addr);
+    c.read_reply().expect_code(220);
+    assert!(!c.ehlo().text().contains("XCLIENT"));
+    // A bare LF aborts that upstream connection; the new one does STARTTLS and XCLIENT again
+    // before the client's EHLO is replayed, and the next message goes through it.
+    c.send_message("bad@example.org", "rcpt@example.com", b"a\nb\r\n")
+        .expect(550, "5.6.11");
+    c.send_message(
         "xclient-tls@example.org",
-    );
+        "rcpt@example.com",
+        b"Subject: after the reconnect\r\n\r\nok\r\n",
+    )
+    .expect_code(250);
+    c.cmd("QUIT").expect_code(221);
+    c.expect_closed();
     let received = received_by(&postfix);
     assert!(received.contains("[127.0.0.2]"), "{received}");
     assert!(received.contains("using TLS"), "{received}");
+    let log = postfix.log();
+    assert_eq!(
+        log.matches(" starttls=1 ").count(),
+        2,
+        "two TLS connections: {log}"
+    );
 }
 
 #[test]

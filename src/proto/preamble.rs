@@ -5,7 +5,8 @@
 //! optional PROXY header written on connect, then command steps, each one line sent after the
 //! upstream's greeting (or the previous step's reply) and one reply consumed. The client sees
 //! none of it. With `upstream_tls = "starttls"` the steps begin with EHLO, STARTTLS (the
-//! session then has the guard layer make the connection TLS) and EHLO again. To add a step (an upstream STARTTLS, say), add a [`Step`] variant, put it in
+//! session then has the guard layer make the connection TLS) and EHLO again
+//! ([`Preamble::with_starttls`]). To add a step, add a [`Step`] variant, put it in
 //! [`Preamble::plan`] at its place in the order, and give it a line in [`Preamble::line`] and
 //! a reply handling in [`Preamble::on_reply`].
 //!
