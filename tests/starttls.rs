@@ -587,6 +587,7 @@ fn sighup_reloads_the_certificate_and_a_broken_one_keeps_the_old() {
     ]);
     assert_ne!(std::fs::read(&cert).unwrap(), good);
     reload(&g, "generation 2 is live", 1);
+    assert!(g.stderr().contains("(new file contents)"), "{}", g.stderr());
     let spec = json!({ "starttls": pki.other_ca(), "text": "after the reload\n" });
     let sent = smtplib_client::send(HEAD, g.addr, FROM, TO, &spec, "smtplib new cert");
     assert_eq!(sent.status, "ok", "{sent:?}");
