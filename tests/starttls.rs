@@ -331,6 +331,18 @@ fn smtplib_starttls_delivers_the_message_intact() {
         show(&msgs[0].body)
     );
     assert!(contains(&msgs[0].mail_from, format!("<{FROM}>").as_bytes()));
+    // A large body (many TLS records, many ring reads) arrives byte-exact too, dots included.
+    let line = ".a line of a large message sent over TLS, with a leading dot 0123456789\n";
+    let spec = json!({ "starttls": pki.ca(), "text": line, "repeat": 8000 });
+    let big = smtplib_client::send(HEAD, g.addr, FROM, TO, &spec, "smtplib large");
+    assert_eq!(big.status, "ok", "{big:?}");
+    assert!(big.data.len() > 500_000);
+    let msgs = up.wait_messages(2);
+    assert_eq!(msgs.len(), 2);
+    assert!(
+        msgs[1].body == dot_stuff(&big.data),
+        "the large body differs"
+    );
 }
 
 /// Builds the message for smtplib (see tests/smtplib_client).
@@ -345,7 +357,7 @@ msg = EmailMessage()
 msg["From"] = sender
 msg["To"] = rcpts
 msg["Subject"] = "starttls"
-msg.set_content(spec["text"])
+msg.set_content(spec["text"] * spec.get("repeat", 1))
 data = msg.as_bytes(policy=policy.SMTP)
 with open(dump, "wb") as f:
     f.write(data)
@@ -643,7 +655,8 @@ fn upstream_starttls_to_postfix_verified_and_both_hops_encrypted() {
         pki.ca()
     ));
     let g = Guard::start(postfix.addr(), Some(&policy));
-    let spec = json!({ "starttls": pki.ca(), "text": "TLS on both hops\n" });
+    let line = "TLS on both hops, a line repeated to make many records\n";
+    let spec = json!({ "starttls": pki.ca(), "text": line, "repeat": 4000 });
     let sent = smtplib_client::send(HEAD, g.addr, FROM, TO, &spec, "smtplib both hops");
     assert_eq!(
         sent.status,
@@ -658,6 +671,8 @@ fn upstream_starttls_to_postfix_verified_and_both_hops_encrypted() {
         "the hop from mailguard was not TLS: {received}\nlog: {}",
         postfix.log()
     );
+    let id = &postfix.queue()[0].id;
+    assert_eq!(postfix.body(id).matches("TLS on both hops").count(), 4000);
 }
 
 #[test]
