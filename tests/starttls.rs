@@ -535,6 +535,14 @@ fn terminate_without_a_certificate_is_refused_with_file_line_column() {
     assert_one_line_failure(status, &err);
     assert!(err.contains("bad.pem"), "names the file: {err}");
 
+    // Relative paths are taken beside the policy file.
+    std::fs::copy(pki.path("cert.pem"), dir.path.join("cert.pem")).unwrap();
+    std::fs::copy(pki.path("key.pem"), dir.path.join("key.pem")).unwrap();
+    let text = "starttls = \"terminate\"\ntls_cert = \"cert.pem\"\ntls_key = \"key.pem\"\n";
+    let p = dir.write("relative.toml", text.as_bytes());
+    let (status, err) = run_to_exit(&["check", "--policy", &p.display().to_string()]);
+    assert!(status.success(), "{err}");
+
     let text = "upstream_tls = \"starttls\"\n";
     let p = dir.write("policy3.toml", text.as_bytes());
     let (status, err) = run_to_exit(&["check", "--policy", &p.display().to_string()]);

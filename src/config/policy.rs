@@ -596,6 +596,18 @@ struct File {
     upstream_identity: Option<UpstreamIdentity>,
 }
 
+/// A relative path in a policy read from a file is taken relative to that file's directory
+/// (as the config file's `policy` path is), so a policy and its certificates move together.
+fn beside(origin: &str, path: &str) -> String {
+    let origin = Path::new(origin);
+    match origin.parent() {
+        Some(dir) if Path::new(path).is_relative() && origin.is_file() => {
+            dir.join(path).display().to_string()
+        }
+        _ => path.to_string(),
+    }
+}
+
 /// Validates the TLS keys and loads the files they name.
 fn tls_policy(
     file: &File,
@@ -604,13 +616,14 @@ fn tls_policy(
     origin: &str,
     starttls_at: usize,
 ) -> Result<TlsPolicy, PolicyError> {
+    let near = |p: &Option<String>| p.as_deref().map(|p| beside(origin, p));
     let keys = TlsKeys {
         terminate: starttls == StartTls::Terminate,
-        cert: file.tls_cert.clone(),
-        key: file.tls_key.clone(),
+        cert: near(&file.tls_cert),
+        key: near(&file.tls_key),
         upstream: file.upstream_tls.as_ref().map(|u| *u.get_ref()),
         upstream_verify: file.upstream_tls_verify,
-        upstream_ca: file.upstream_tls_ca.clone(),
+        upstream_ca: near(&file.upstream_tls_ca),
     };
     keys.check().map_err(|missing| {
         let at = match missing {
