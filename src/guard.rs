@@ -26,8 +26,7 @@ use crate::config::Policy;
 use crate::proto::rate::{RateKey, Rates};
 use crate::proto::{Identity, Refusal, Session};
 use crate::proxy_header;
-use crate::relay::Side;
-use crate::relay::{Action, Chunk, Proxy, ProxyFactory};
+use crate::relay::{Action, Chunk, Proxy, ProxyFactory, Side};
 use crate::tally::{self, End, EngineTotals, Event, SessionReport, Watch};
 use crate::tls::{self, Sides};
 
@@ -287,8 +286,9 @@ impl GuardSession {
     }
 
     /// Runs one engine call whose input was `input` (`copy_input` when that is plaintext the
-    /// TLS layer decrypted, not the ring's buffer), then encrypts what it sends the client
-    /// once the client side is TLS, starting at the engine's `220` if this call sent it.
+    /// TLS layer decrypted, not the ring's buffer), then encrypts what it sends to each side
+    /// that is TLS, starting a side at the point this call switched it (the engine's `220` to
+    /// the client's STARTTLS, or the upstream's `220` to mailguard's).
     fn run(
         &mut self,
         event: Event,
