@@ -700,7 +700,7 @@ impl Session {
                 self.forward(line.chunk(), expect, out);
             }
             Verb::MAIL | Verb::RCPT | Verb::DATA | Verb::BDAT if self.needs_ehlo_again() => {
-                self.local_error(starttls::EHLO_FIRST, out);
+                self.refuse_before_ehlo(verb, content, out);
             }
             Verb::MAIL => {
                 let max = self.policy.max_message_size;

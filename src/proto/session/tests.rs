@@ -879,6 +879,9 @@ fn terminate_answers_starttls_after_pipelined_replies_and_drops_what_followed() 
     p.s.tls_established(p.now);
     p.client(b"MAIL FROM:<a@b.test>\r\n");
     assert_eq!(p.take_client(), b"503 5.5.1 Send EHLO first\r\n");
+    // A BDAT chunk before the new EHLO is skipped by its length, not read as commands.
+    p.client(b"BDAT 25 LAST\r\nRCPT TO:<hidden@x.test>\r\n");
+    assert_eq!(p.take_client(), b"503 5.5.1 Send EHLO first\r\n");
     assert!(p.take_up().is_empty(), "the injected MAIL never went out");
     p.client(b"EHLO c.test\r\n");
     p.upstream(EHLO_REPLY);
