@@ -312,6 +312,12 @@ fn swaks_delivers_through_terminated_tls() {
     // The upstream spoke plain text and never saw the client's STARTTLS.
     assert!(!up.saw_command_containing(b"STARTTLS"));
     assert!(up.conns().iter().all(|c| !c.starttls));
+    // The session's log line counts the terminated TLS (and so does the metric).
+    assert!(
+        wait_for(WAIT, || g.stderr().contains("tls_terminated=1")),
+        "{}",
+        g.stderr()
+    );
 }
 
 #[test]
@@ -678,6 +684,13 @@ fn upstream_starttls_to_postfix_verified_and_both_hops_encrypted() {
         received.contains("using TLS"),
         "the hop from mailguard was not TLS: {received}\nlog: {}",
         postfix.log()
+    );
+    assert!(
+        wait_for(WAIT, || g
+            .stderr()
+            .contains("tls_terminated=1 upstream_tls=1")),
+        "{}",
+        g.stderr()
     );
     let id = &postfix.queue()[0].id;
     assert_eq!(postfix.body(id).matches("TLS on both hops").count(), 4000);

@@ -144,6 +144,10 @@ pub struct Counters {
     /// Sessions whose upstream could not be told the client's identity (XCLIENT not offered
     /// or refused); at most one per session.
     pub identity_unsent: u32,
+    /// Client TLS handshakes completed under `starttls = "terminate"`.
+    pub tls_terminated: u32,
+    /// Upstream TLS handshakes completed under `upstream_tls = "starttls"`.
+    pub upstream_tls: u32,
 }
 
 impl Counters {

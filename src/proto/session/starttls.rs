@@ -72,6 +72,7 @@ impl Session {
         self.now = now;
         self.client_since = now;
         self.tls = Phase::Active;
+        self.counters.tls_terminated += 1;
         self.helo = None;
         self.auth.clear();
         self.auth_in_progress.clear();

@@ -22,6 +22,7 @@ impl Session {
     pub fn upstream_tls_established(&mut self, now: Instant, out: &mut Vec<Action>) {
         self.now = now;
         self.upstream_since = now;
+        self.counters.upstream_tls += 1;
         if let Up::Preamble { replay } = self.up {
             let next = self.preamble.resume();
             self.preamble_next(next, replay, out);
