@@ -9,6 +9,12 @@
 //! closes before sending a byte, is marked down in the [`Pool`] and the next one is tried
 //! before the engine hears of a failure. Must not touch sockets (the ring's) or SMTP (the
 //! engine's).
+//!
+//! Sessions under `starttls = "terminate"` route the client's bytes through the sans-IO TLS
+//! layer ([`crate::tls`]) once the engine has answered STARTTLS: ciphertext from the ring goes
+//! in, plaintext to the engine, and its replies to the client come back encrypted. Under
+//! `upstream_tls = "starttls"` the upstream's bytes do the same once its 220 to mailguard's
+//! own STARTTLS came.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -25,6 +31,7 @@ use crate::proto::{Identity, Refusal, Session};
 use crate::proxy_header;
 use crate::relay::{Action, Chunk, Proxy, ProxyFactory, Side};
 use crate::tally::{self, End, EngineTotals, Event, SessionReport, Watch};
+use crate::tls::{self, Sides};
 
 /// The policy in force, replaced as a whole on reload. Readers look at the generation (one
 /// atomic load per accept) and take the lock only when it changed.
@@ -182,6 +189,8 @@ pub struct GuardSession {
     draining: bool,
     /// Which backend the upstream connection goes to.
     backend: Backend,
+    /// The TLS of either side, once the engine switched it.
+    tls: Sides,
     /// On a PROXY listener, until the header has been read: the engine session does not
     /// exist yet (`inner` is a placeholder that is never started).
     awaiting: Option<Box<AwaitHeader>>,
@@ -317,6 +326,7 @@ impl GuardSession {
             end: None,
             draining: false,
             backend: Backend::default(),
+            tls: Sides::default(),
             awaiting: None,
             trace_decisions: tracing::enabled!(
                 target: "mailguard::decision",
@@ -341,6 +351,107 @@ impl GuardSession {
         self.end
     }
 
+    /// Runs one engine call whose input was `input` (`copy_input` when that is plaintext the
+    /// TLS layer decrypted, not the ring's buffer), then encrypts what it sends to each side
+    /// that is TLS, starting a side at the point this call switched it (the engine's `220` to
+    /// the client's STARTTLS, or the upstream's `220` to mailguard's).
+    fn run(
+        &mut self,
+        event: Event,
+        now: Instant,
+        out: &mut Vec<Action>,
+        input: &[u8],
+        copy_input: bool,
+        call: impl FnOnce(&mut Session, &mut Vec<Action>),
+    ) {
+        let from = out.len();
+        self.step(event, now, out, call);
+        let client_switch = self.inner.take_tls_switch();
+        let upstream_switch = self.inner.take_upstream_tls_switch();
+        if let (Some(_), Some(addr)) = (upstream_switch, self.backend.addr) {
+            self.tls.aim(addr);
+        }
+        let sealed = self
+            .tls
+            .seal(out, from, input, copy_input, client_switch, upstream_switch);
+        if !sealed {
+            self.fail_tls(out);
+        }
+    }
+
+    /// Ciphertext from a client that started TLS.
+    fn on_client_tls(&mut self, data: &[u8], now: Instant, out: &mut Vec<Action>) {
+        let Some(tls) = &mut self.tls.client else {
+            return;
+        };
+        let was_handshaking = tls.is_handshaking();
+        let mut plain = Vec::new();
+        let mut wire = Vec::new();
+        let ok = tls.receive(data, &mut plain, &mut wire);
+        let established = was_handshaking && !tls.is_handshaking();
+        tls::push_wire(out, Side::Client, &mut wire);
+        if !ok {
+            self.fail_tls(out);
+            return;
+        }
+        if established {
+            self.inner.tls_established(now);
+        }
+        if !plain.is_empty() {
+            self.run(Event::Client, now, out, &plain, true, |s, out| {
+                s.on_client(&plain, now, out)
+            });
+        }
+    }
+
+    /// Ciphertext from an upstream mailguard started TLS with. A failed handshake (its
+    /// certificate did not verify, say) is the upstream lost: the client gets the engine's
+    /// `421`, and nothing is relayed in plain text.
+    fn on_upstream_tls(&mut self, data: &[u8], now: Instant, out: &mut Vec<Action>) {
+        let Some(tls) = &mut self.tls.upstream else {
+            return;
+        };
+        let was_handshaking = tls.is_handshaking();
+        let mut plain = Vec::new();
+        let mut wire = Vec::new();
+        let ok = tls.receive(data, &mut plain, &mut wire);
+        let established = was_handshaking && !tls.is_handshaking();
+        tls::push_wire(out, Side::Upstream, &mut wire);
+        if !ok {
+            let error = tls.error().unwrap_or("connection failed").to_string();
+            self.tls.upstream = None;
+            tracing::warn!(
+                target: "mailguard::session",
+                peer = %self.peer,
+                %error,
+                "upstream TLS failed"
+            );
+            self.run(Event::UpstreamClosed, now, out, &[], false, |s, out| {
+                s.on_upstream_closed(now, out)
+            });
+            return;
+        }
+        if established {
+            self.run(Event::Upstream, now, out, &[], false, |s, out| {
+                s.upstream_tls_established(now, out)
+            });
+        }
+        if !plain.is_empty() {
+            self.run(Event::Upstream, now, out, &plain, true, |s, out| {
+                s.on_upstream(&plain, now, out)
+            });
+        }
+    }
+
+    /// A failed handshake or a fatal TLS error: the session ends without an SMTP reply, since
+    /// there is no channel left to send one on.
+    fn fail_tls(&mut self, out: &mut Vec<Action>) {
+        if self.end.is_none() {
+            self.end = Some(End::ProtocolError);
+            out.push(Action::Close);
+        }
+    }
+
     /// Reads PROXY header bytes; once the header is whole, admits the real client, starts the
     /// engine and hands it what followed the header.
     fn on_header_bytes(&mut self, data: &[u8], now: Instant, out: &mut Vec<Action>) {
@@ -362,13 +473,15 @@ impl GuardSession {
         self.inner = inner;
         self._permit = permit;
         self.peer = peer;
-        self.step(Event::Start, now, out, |s, out| s.start(now, out));
+        self.run(Event::Start, now, out, &[], false, |s, out| {
+            s.start(now, out)
+        });
         // The header ended inside this input: what follows it is the client's first bytes.
         let skip = used.saturating_sub(before);
         if skip < data.len() && self.end.is_none() {
             let first = out.len();
             let rest = &data[skip..];
-            self.step(Event::Client, now, out, |s, out| {
+            self.run(Event::Client, now, out, rest, false, |s, out| {
                 s.on_client(rest, now, out)
             });
             shift_input(&mut out[first..], skip);
@@ -430,21 +543,29 @@ impl Proxy for GuardSession {
         if self.awaiting.is_some() {
             return;
         }
-        self.step(Event::Start, now, out, |s, out| s.start(now, out));
+        self.run(Event::Start, now, out, &[], false, |s, out| {
+            s.start(now, out)
+        });
     }
     fn on_client(&mut self, data: &[u8], now: Instant, out: &mut Vec<Action>) {
         self.client_bytes += data.len() as u64;
         if self.awaiting.is_some() {
             return self.on_header_bytes(data, now, out);
         }
-        self.step(Event::Client, now, out, |s, out| {
+        if self.tls.client.is_some() {
+            return self.on_client_tls(data, now, out);
+        }
+        self.run(Event::Client, now, out, data, false, |s, out| {
             s.on_client(data, now, out)
         });
     }
     fn on_upstream(&mut self, data: &[u8], now: Instant, out: &mut Vec<Action>) {
         self.upstream_bytes += data.len() as u64;
         self.backend.quiet &= data.is_empty();
-        self.step(Event::Upstream, now, out, |s, out| {
+        if self.tls.upstream.is_some() {
+            return self.on_upstream_tls(data, now, out);
+        }
+        self.run(Event::Upstream, now, out, data, false, |s, out| {
             s.on_upstream(data, now, out)
         });
     }
@@ -453,14 +574,18 @@ impl Proxy for GuardSession {
         if let (Some(pool), Some(lease)) = (&self.backend.pool, &self.backend.lease) {
             pool.mark_connected(lease.index());
         }
+        let from = out.len();
         self.inner.on_upstream_connected(now, out);
+        if !self.tls.seal(out, from, &[], false, None, None) {
+            self.fail_tls(out);
+        }
     }
     fn on_upstream_failed(&mut self, now: Instant, out: &mut Vec<Action>) {
         if self.backend.fail_over(now) {
             out.push(Action::Connect);
             return;
         }
-        self.step(Event::UpstreamFailed, now, out, |s, out| {
+        self.run(Event::UpstreamFailed, now, out, &[], false, |s, out| {
             s.on_upstream_failed(now, out)
         });
     }
@@ -470,7 +595,7 @@ impl Proxy for GuardSession {
             self.end = Some(End::ClientClosed);
             return out.push(Action::Close);
         }
-        self.step(Event::ClientClosed, now, out, |s, out| {
+        self.run(Event::ClientClosed, now, out, &[], false, |s, out| {
             s.on_client_closed(now, out)
         });
     }
@@ -482,7 +607,7 @@ impl Proxy for GuardSession {
             return;
         }
         self.backend.lease = None;
-        self.step(Event::UpstreamClosed, now, out, |s, out| {
+        self.run(Event::UpstreamClosed, now, out, &[], false, |s, out| {
             s.on_upstream_closed(now, out)
         });
     }
@@ -503,7 +628,9 @@ impl Proxy for GuardSession {
             Some(_) => return,
             None => {}
         }
-        self.step(Event::Timeout, now, out, |s, out| s.on_timeout(now, out));
+        self.run(Event::Timeout, now, out, &[], false, |s, out| {
+            s.on_timeout(now, out)
+        });
     }
     fn on_shutdown(&mut self, force: bool, now: Instant, out: &mut Vec<Action>) {
         self.draining = true;
@@ -511,7 +638,7 @@ impl Proxy for GuardSession {
             self.end = Some(End::Shutdown);
             return out.push(Action::Close);
         }
-        self.step(Event::Shutdown, now, out, |s, out| {
+        self.run(Event::Shutdown, now, out, &[], false, |s, out| {
             s.on_shutdown(force, now, out)
         });
     }
@@ -589,6 +716,8 @@ impl SessionFactory {
         let mut session = GuardSession::new(inner, permit, peer, now);
         session.generation = self.generation;
         session.backend.pool = self.pool.clone();
+        let t = &self.policy.tls;
+        session.tls = Sides::new(t.server.clone(), t.client.clone());
         session
     }
 }

@@ -19,3 +19,4 @@ pub mod proto;
 pub mod proxy_header;
 pub mod relay;
 pub mod tally;
+pub mod tls;

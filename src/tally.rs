@@ -144,7 +144,7 @@ fn plain_end(event: Event, before: Watch, after: Watch) -> End {
 }
 
 /// Policy decisions other than blocked verbs, by the `rule` label they carry.
-pub const RULES: [&str; 28] = [
+pub const RULES: [&str; 30] = [
     "banner_masked",
     "extension_removed",
     "recipients_over_limit",
@@ -165,6 +165,8 @@ pub const RULES: [&str; 28] = [
     "rate_limited",
     "early_talker",
     "identity_unsent",
+    "tls_terminated",
+    "upstream_tls",
     "header_size",
     "header_line_length",
     "deny_header",
@@ -198,6 +200,8 @@ pub fn rule_counts(c: &Counters) -> [u32; RULES.len()] {
         c.rate_limited,
         c.early_talkers,
         c.identity_unsent,
+        c.tls_terminated,
+        c.upstream_tls,
         c.content[0],
         c.content[1],
         c.content[2],

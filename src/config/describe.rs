@@ -173,13 +173,31 @@ pub fn settings(p: &Policy) -> Vec<Setting> {
             "reject_unauth_pipelining",
             p.reject_unauth_pipelining.to_string(),
         ),
+        Setting {
+            key: "tls_cert",
+            value: p.tls.cert.as_ref().map(|c| quote(&c.display().to_string())),
+        },
+        Setting {
+            key: "tls_key",
+            value: p.tls.key.as_ref().map(|k| quote(&k.display().to_string())),
+        },
+        set("upstream_tls", quote(p.tls.upstream.name())),
+        set("upstream_tls_verify", p.tls.upstream_verify.to_string()),
+        Setting {
+            key: "upstream_tls_ca",
+            value: p
+                .tls
+                .upstream_ca
+                .as_ref()
+                .map(|c| quote(&c.display().to_string())),
+        },
         set("upstream_identity", quote(p.upstream_identity.name())),
     ]
 }
 
 /// The keys whose values differ, in reference order.
 pub fn changes(old: &Policy, new: &Policy) -> Vec<Change> {
-    settings(old)
+    let mut changes: Vec<Change> = settings(old)
         .into_iter()
         .zip(settings(new))
         .filter(|(a, b)| a.value != b.value)
@@ -188,7 +206,19 @@ pub fn changes(old: &Policy, new: &Policy) -> Vec<Change> {
             old: shown(&a.value),
             new: shown(&b.value),
         })
-        .collect()
+        .collect();
+    let tls_key_changed = changes
+        .iter()
+        .any(|c| c.key.starts_with("tls_") || c.key.starts_with("upstream_tls"));
+    if old.tls != new.tls && !tls_key_changed {
+        // Same paths, new bytes: a renewed certificate is worth a line in the reload log.
+        changes.push(Change {
+            key: "tls_cert/tls_key/upstream_tls_ca",
+            old: "(previous file contents)".to_string(),
+            new: "(new file contents)".to_string(),
+        });
+    }
+    changes
 }
 
 /// Changes as one log-friendly phrase: `max_recipients 1000 -> 50; mask_banner false -> true`.
@@ -277,6 +307,7 @@ fn starttls(s: StartTls) -> &'static str {
     match s {
         StartTls::Pass => "pass",
         StartTls::Strip => "strip",
+        StartTls::Terminate => "terminate",
     }
 }
 

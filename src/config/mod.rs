@@ -10,6 +10,7 @@
 pub mod describe;
 mod policy;
 mod setup;
+mod tls;
 
 pub use policy::AUTH_LINE_LENGTH;
 
@@ -21,3 +22,4 @@ pub use setup::{
     check_backends, resolve, LogFormat, LogLevel, PolicySource, RingTuning, Setup, SetupError,
     DEFAULT_FAIL_TIMEOUT, MAX_DRAIN_SECS,
 };
+pub use tls::{TlsPolicy, UpstreamTls};

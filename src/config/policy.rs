@@ -11,6 +11,8 @@ use crate::proto::content::{CompiledRules, ContentRules, Rule};
 use crate::proto::rules::{AddressPatterns, Domains};
 use crate::proto::Verb;
 
+use super::tls::{Missing, TlsKeys, TlsPolicy, UpstreamTls};
+
 /// Which verbs pass when no explicit `allow` list is given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -110,6 +112,9 @@ pub enum StartTls {
     Pass,
     /// STARTTLS is removed from the EHLO reply and blocked.
     Strip,
+    /// mailguard offers STARTTLS itself (`tls_cert`, `tls_key`), terminates the client's TLS
+    /// and goes on inspecting the plaintext.
+    Terminate,
 }
 
 /// How the upstream learns who the real client is (`upstream_identity`).
@@ -191,6 +196,13 @@ pub enum PolicyError {
         #[source]
         source: std::io::Error,
     },
+    /// A certificate, key or CA file the policy names cannot be used.
+    #[error("{path}: {source}")]
+    Tls {
+        path: String,
+        #[source]
+        source: crate::tls::TlsError,
+    },
     /// The file is not a valid policy.
     #[error("{path}:{line}:{column}: {message}")]
     Invalid {
@@ -254,6 +266,8 @@ pub struct Policy {
     pub upstream_identity: UpstreamIdentity,
     /// The header, MIME and body rules compiled once for every message under this policy.
     pub content: ContentCheck,
+    /// The certificate for `starttls = "terminate"` and the upstream TLS settings.
+    pub tls: TlsPolicy,
     /// The verbs that pass: the mode's (or `allow`'s) minus those of removed extensions.
     allowed: Vec<Verb>,
 }
@@ -307,6 +321,12 @@ impl Policy {
     }
 
     fn from_file(file: File, text: &str, origin: &str) -> Result<Policy, PolicyError> {
+        let starttls_at = file.starttls.as_ref().map_or(0, |s| s.span().start);
+        let starttls = file
+            .starttls
+            .as_ref()
+            .map_or(StartTls::Pass, |s| *s.get_ref());
+        let tls = tls_policy(&file, starttls, text, origin, starttls_at)?;
         let patterns = |list: Option<Spanned<Ruled<Vec<String>>>>| -> Result<Option<Ruled<AddressPatterns>>, PolicyError> {
             list.map(|spanned| {
                 let start = spanned.span().start;
@@ -340,7 +360,6 @@ impl Policy {
         let extensions: Option<Vec<String>> = file
             .extensions
             .map(|list| list.into_iter().map(|k| k.0).collect());
-        let starttls = file.starttls.unwrap_or(StartTls::Pass);
         let mode = file.mode.unwrap_or(Mode::Modern);
         let base: &[Verb] = allow.as_deref().unwrap_or(mode.verbs());
         let mut allowed: Vec<Verb> = base
@@ -422,6 +441,7 @@ impl Policy {
             pregreet_wait: Duration::from_millis(file.pregreet_wait_ms.unwrap_or(0)),
             reject_unauth_pipelining: file.reject_unauth_pipelining.unwrap_or(false),
             content: ContentCheck(None),
+            tls,
             allowed,
         };
         let rules = policy.content_rules();
@@ -490,6 +510,10 @@ impl Policy {
         if !listed {
             return false;
         }
+        if self.starttls == StartTls::Terminate && keyword.eq_ignore_ascii_case(b"STARTTLS") {
+            // mailguard announces its own STARTTLS; the upstream's is not the client's to use.
+            return false;
+        }
         let verb_ok = KEYWORD_VERBS
             .iter()
             .filter(|(kw, _)| kw.as_bytes().eq_ignore_ascii_case(keyword))
@@ -532,7 +556,7 @@ struct File {
     #[serde(default, deserialize_with = "line_length")]
     max_line_length: Option<u32>,
     bare_lf: Option<BareLf>,
-    starttls: Option<StartTls>,
+    starttls: Option<Spanned<StartTls>>,
     check_addresses: Option<bool>,
     #[serde(default, deserialize_with = "at_least_one")]
     hard_error_limit: Option<u32>,
@@ -564,7 +588,54 @@ struct File {
     #[serde(default, deserialize_with = "milliseconds")]
     pregreet_wait_ms: Option<u64>,
     reject_unauth_pipelining: Option<bool>,
+    tls_cert: Option<String>,
+    tls_key: Option<String>,
+    upstream_tls: Option<Spanned<UpstreamTls>>,
+    upstream_tls_verify: Option<bool>,
+    upstream_tls_ca: Option<String>,
     upstream_identity: Option<UpstreamIdentity>,
+}
+
+/// A relative path in a policy read from a file is taken relative to that file's directory
+/// (as the config file's `policy` path is), so a policy and its certificates move together.
+fn beside(origin: &str, path: &str) -> String {
+    let origin = Path::new(origin);
+    match origin.parent() {
+        Some(dir) if Path::new(path).is_relative() && origin.is_file() => {
+            dir.join(path).display().to_string()
+        }
+        _ => path.to_string(),
+    }
+}
+
+/// Validates the TLS keys and loads the files they name.
+fn tls_policy(
+    file: &File,
+    starttls: StartTls,
+    text: &str,
+    origin: &str,
+    starttls_at: usize,
+) -> Result<TlsPolicy, PolicyError> {
+    let near = |p: &Option<String>| p.as_deref().map(|p| beside(origin, p));
+    let keys = TlsKeys {
+        terminate: starttls == StartTls::Terminate,
+        cert: near(&file.tls_cert),
+        key: near(&file.tls_key),
+        upstream: file.upstream_tls.as_ref().map(|u| *u.get_ref()),
+        upstream_verify: file.upstream_tls_verify,
+        upstream_ca: near(&file.upstream_tls_ca),
+    };
+    keys.check().map_err(|missing| {
+        let at = match missing {
+            Missing::CertOrKey => starttls_at,
+            Missing::UpstreamCa => file.upstream_tls.as_ref().map_or(0, |u| u.span().start),
+        };
+        invalid(text, origin, at, missing.message())
+    })?;
+    keys.load().map_err(|source| PolicyError::Tls {
+        path: origin.to_string(),
+        source,
+    })
 }
 
 /// A rule is written as its value alone (default action) or as `{ value = …, action = … }`.

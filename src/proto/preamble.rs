@@ -4,7 +4,9 @@
 //! The preamble is an ordered list of [`Step`]s planned once per upstream connection: an
 //! optional PROXY header written on connect, then command steps, each one line sent after the
 //! upstream's greeting (or the previous step's reply) and one reply consumed. The client sees
-//! none of it. To add a step (an upstream STARTTLS, say), add a [`Step`] variant, put it in
+//! none of it. With `upstream_tls = "starttls"` the steps begin with EHLO, STARTTLS (the
+//! session then has the guard layer make the connection TLS) and EHLO again
+//! ([`Preamble::with_starttls`]). To add a step, add a [`Step`] variant, put it in
 //! [`Preamble::plan`] at its place in the order, and give it a line in [`Preamble::line`] and
 //! a reply handling in [`Preamble::on_reply`].
 //!
@@ -44,6 +46,8 @@ pub enum Step {
     Ehlo,
     /// Postfix's XCLIENT with the real client's attributes, if the EHLO reply offers it.
     Xclient,
+    /// STARTTLS (`upstream_tls = "starttls"`): on its 220 the connection becomes TLS.
+    StartTls,
 }
 
 /// What the session does next.
@@ -53,6 +57,12 @@ pub enum Next {
     Send(Vec<u8>),
     /// The preamble is over: the client's dialogue may use the connection.
     Done,
+    /// The upstream answered STARTTLS with 220: the connection must become TLS before
+    /// [`Preamble::resume`] gives the next step.
+    StartTls,
+    /// The upstream refused STARTTLS, which the policy requires: nothing may be relayed on
+    /// this connection.
+    Refused,
 }
 
 /// Why the upstream did not learn the client's identity (mail still flows).
@@ -105,6 +115,20 @@ impl Preamble {
         p
     }
 
+    /// Adds the upstream STARTTLS: mailguard's EHLO, STARTTLS and, once TLS is up, EHLO again,
+    /// all before the identity steps (XCLIENT must travel inside TLS).
+    pub fn with_starttls(mut self) -> Preamble {
+        let mut steps = vec![Step::Ehlo, Step::StartTls, Step::Ehlo];
+        steps.extend(self.steps.iter().copied().filter(|s| *s != Step::Ehlo));
+        self.steps = steps;
+        self
+    }
+
+    /// Goes on after the TLS handshake that [`Next::StartTls`] asked for.
+    pub fn resume(&mut self) -> Next {
+        self.advance()
+    }
+
     /// The bytes to write first on the new connection, before anything is read from it.
     pub fn header(&self) -> Option<&[u8]> {
         self.header.as_deref()
@@ -129,6 +153,14 @@ impl Preamble {
         match step {
             Step::Ehlo => {
                 self.xclient_offered = code == 250 && offers(bytes, b"XCLIENT");
+            }
+            Step::StartTls => {
+                self.at += 1;
+                return if code == 220 {
+                    Next::StartTls
+                } else {
+                    Next::Refused
+                };
             }
             Step::Xclient => {
                 // Postfix answers a successful XCLIENT with a fresh 220 greeting.
@@ -161,6 +193,7 @@ impl Preamble {
     fn line(&mut self, step: Step) -> Option<Vec<u8>> {
         match step {
             Step::Ehlo => Some(EHLO.to_vec()),
+            Step::StartTls => Some(b"STARTTLS\r\n".to_vec()),
             Step::Xclient if self.xclient_offered => self.xclient.clone(),
             Step::Xclient => {
                 self.shortfall = Some(Shortfall::XclientNotOffered);
@@ -276,6 +309,27 @@ mod tests {
             mapped.xclient.as_deref(),
             Some(b"XCLIENT ADDR=192.0.2.9 NAME=[UNAVAILABLE]\r\n".as_slice())
         );
+    }
+
+    #[test]
+    fn starttls_comes_first_and_xclient_travels_inside_tls() {
+        let mut p =
+            Preamble::plan(UpstreamIdentity::Xclient, id("192.0.2.7:1"), None).with_starttls();
+        assert_eq!(p.begin(), Next::Send(EHLO.to_vec()));
+        assert_eq!(
+            p.on_reply(250, b"250-pf\r\n250 STARTTLS\r\n"),
+            Next::Send(b"STARTTLS\r\n".to_vec())
+        );
+        assert_eq!(p.on_reply(220, b"220 go ahead\r\n"), Next::StartTls);
+        assert_eq!(p.resume(), Next::Send(EHLO.to_vec()));
+        assert_eq!(
+            p.on_reply(250, OFFERS),
+            Next::Send(b"XCLIENT ADDR=192.0.2.7 NAME=[UNAVAILABLE]\r\n".to_vec())
+        );
+        let mut plain = Preamble::plan(UpstreamIdentity::None, None, None).with_starttls();
+        plain.begin();
+        plain.on_reply(250, b"250 pf\r\n");
+        assert_eq!(plain.on_reply(454, b"454 4.7.0 no TLS\r\n"), Next::Refused);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::config::{BareLf, BlockedReply, Policy, RuleAction, UpstreamIdentity};
+use crate::config::{BareLf, BlockedReply, Policy, RuleAction, UpstreamIdentity, UpstreamTls};
 use crate::relay::{Action, Chunk, Proxy, Side};
 
 use super::command::{self, AddressFault};
@@ -144,6 +144,10 @@ pub struct Counters {
     /// Sessions whose upstream could not be told the client's identity (XCLIENT not offered
     /// or refused); at most one per session.
     pub identity_unsent: u32,
+    /// Client TLS handshakes completed under `starttls = "terminate"`.
+    pub tls_terminated: u32,
+    /// Upstream TLS handshakes completed under `upstream_tls = "starttls"`.
+    pub upstream_tls: u32,
 }
 
 impl Counters {
@@ -234,6 +238,8 @@ enum Pending {
     Upstream(Expect),
     /// The guard answers, once every earlier reply has gone out.
     Local { reply: &'static [u8], close: bool },
+    /// The guard's own `220` to STARTTLS, and the switch to TLS right after it.
+    StartTls,
 }
 
 /// The forwarded command an upstream reply answers.
@@ -348,18 +354,23 @@ pub struct Session {
     now: Instant,
     client_since: Instant,
     upstream_since: Instant,
+    /// TLS terminated by the guard, and where in the last call's actions it began.
+    tls: starttls::Phase,
+    tls_switch: Option<usize>,
     /// The real client, for the upstream preamble.
     identity: Option<Identity>,
     /// The hidden exchange of the current upstream connection.
     preamble: Preamble,
     /// The upstream's greeting, kept from the client until the preamble is over.
     greeting: Option<Vec<u8>>,
+    /// Where in the last call's actions the upstream connection became TLS.
+    upstream_tls_switch: Option<usize>,
 }
 
 impl Session {
     /// A session for a client just accepted, under `policy`.
     pub fn new(policy: Arc<Policy>, now: Instant) -> Session {
-        Session {
+        let mut s = Session {
             policy,
             up: Up::Connecting { replay: false },
             mode: ClientMode::Command,
@@ -396,10 +407,15 @@ impl Session {
             now,
             client_since: now,
             upstream_since: now,
+            tls: starttls::Phase::Plain,
+            tls_switch: None,
             identity: None,
             preamble: Preamble::plan(UpstreamIdentity::None, None, None),
             greeting: None,
-        }
+            upstream_tls_switch: None,
+        };
+        s.preamble = s.plan_preamble();
+        s
     }
 
     /// Tells the upstream who the client is, as the policy's `upstream_identity` says.
@@ -411,11 +427,16 @@ impl Session {
 
     fn plan_preamble(&self) -> Preamble {
         let greeted = self.helo.as_deref().and_then(greeted);
-        Preamble::plan(
+        let plan = Preamble::plan(
             self.policy.upstream_identity,
             self.identity,
             greeted.as_ref(),
-        )
+        );
+        if self.policy.tls.upstream == UpstreamTls::Starttls {
+            plan.with_starttls()
+        } else {
+            plan
+        }
     }
 
     /// A session that refuses the client before any banner and never contacts the upstream.
@@ -448,7 +469,8 @@ impl Session {
     fn must_hold(&self) -> bool {
         match self.mode {
             ClientMode::Command | ClientMode::Sasl => {
-                self.at_sync_point()
+                self.tls == starttls::Phase::Handshaking
+                    || self.at_sync_point()
                     || !matches!(self.up, Up::Ready)
                     || self.pending.len() >= MAX_PENDING
             }
@@ -461,9 +483,10 @@ impl Session {
     fn at_sync_point(&self) -> bool {
         matches!(
             self.pending.back(),
-            Some(Pending::Upstream(
-                Expect::Data | Expect::Auth | Expect::StartTls
-            ))
+            Some(
+                Pending::Upstream(Expect::Data | Expect::Auth | Expect::StartTls)
+                    | Pending::StartTls
+            )
         )
     }
 
@@ -488,7 +511,8 @@ impl Session {
     }
 
     fn hold(&mut self, rest: &[u8], out: &mut Vec<Action>) {
-        if rest.is_empty() || self.stop_reading {
+        // Bytes after STARTTLS that came before the 220 are injected plaintext: dropped.
+        if rest.is_empty() || self.stop_reading || self.tls == starttls::Phase::Handshaking {
             return;
         }
         if self.held.len() + rest.len() > MAX_HELD {
@@ -679,6 +703,9 @@ impl Session {
                 };
                 self.forward(line.chunk(), expect, out);
             }
+            Verb::MAIL | Verb::RCPT | Verb::DATA | Verb::BDAT if self.needs_ehlo_again() => {
+                self.refuse_before_ehlo(verb, content, out);
+            }
             Verb::MAIL => {
                 let max = self.policy.max_message_size;
                 if max > 0 && command::size_param(content).is_some_and(|size| size > max) {
@@ -723,6 +750,7 @@ impl Session {
                 self.auth_in_progress = vec![line.owned()];
                 self.forward(line.chunk(), Expect::Auth, out);
             }
+            Verb::STARTTLS if self.terminates_tls() => self.on_starttls(line, out),
             Verb::STARTTLS => self.forward(line.chunk(), Expect::StartTls, out),
             Verb::QUIT => {
                 self.stop_reading = true;
@@ -1116,6 +1144,19 @@ impl Session {
     fn preamble_next(&mut self, next: Next, replay: bool, out: &mut Vec<Action>) {
         match next {
             Next::Send(line) => send(out, Side::Upstream, Chunk::Owned(line)),
+            Next::StartTls => self.upstream_tls_switch = Some(out.len()),
+            Next::Refused => {
+                // The policy asks for TLS to the upstream: no mail goes there in plain text.
+                self.counters.upstream_failures += 1;
+                self.fail_close(
+                    if replay {
+                        text::UPSTREAM_LOST
+                    } else {
+                        text::UNAVAILABLE
+                    },
+                    out,
+                );
+            }
             Next::Done => {
                 if self.preamble.shortfall().is_some() {
                     self.counters.identity_unsent = 1;
@@ -1193,6 +1234,7 @@ impl Session {
                 self.pipelining_offered = reply::lines(&filtered).skip(1).any(|l| {
                     reply::keyword(l.get(4..).unwrap_or(&[])).eq_ignore_ascii_case(b"PIPELINING")
                 });
+                let filtered = self.announce_starttls(filtered);
                 send(out, Side::Client, Chunk::Owned(filtered));
             }
             Expect::Mail => {
@@ -1341,7 +1383,16 @@ impl Session {
     }
 
     fn flush_locals(&mut self, out: &mut Vec<Action>) {
-        while let Some(&Pending::Local { reply, close }) = self.pending.front() {
+        loop {
+            let (reply, close) = match self.pending.front() {
+                Some(&Pending::Local { reply, close }) => (reply, close),
+                Some(Pending::StartTls) => {
+                    self.pending.pop_front();
+                    self.switch_to_tls(out);
+                    return;
+                }
+                _ => return,
+            };
             self.pending.pop_front();
             self.counters.reply(reply);
             send(out, Side::Client, Chunk::Static(reply));
@@ -1723,6 +1774,9 @@ impl Session {
         self.fail_close(reply, out);
     }
 }
+
+mod starttls;
+mod upstream_tls;
 
 #[cfg(test)]
 mod tests;

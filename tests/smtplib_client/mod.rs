@@ -1,7 +1,8 @@
 //! Sending a message with Python's `smtplib`, a real SMTP client nobody here wrote, for the
 //! end-to-end tests. Each test file supplies the head of the script (how the message is built:
 //! it must set `port, sender, rcpts, spec, dump` from argv, put the bytes in `data` and write
-//! them to `dump`); the send, the error handling and the JSON report are shared.
+//! them to `dump`); the send, the error handling and the JSON report are shared. A spec with
+//! `"starttls": "<CA file>"` makes the send go through `starttls()` verifying against it.
 
 #![allow(dead_code)]
 
@@ -24,6 +25,9 @@ source = (spec["source"], 0) if spec.get("source") else None
 try:
     with smtplib.SMTP("127.0.0.1", int(port), local_hostname="client.test", timeout=20,
                       source_address=source) as s:
+        if spec.get("starttls"):
+            import ssl
+            s.starttls(context=ssl.create_default_context(cafile=spec["starttls"]))
         refused = s.sendmail(sender, rcpts.split(","), data)
     out = {"status": "ok", "refused": {k: [c, text(m)] for k, (c, m) in refused.items()}}
 except smtplib.SMTPDataError as e:

@@ -22,7 +22,11 @@ struct Pair {
 
 impl Pair {
     fn new(policy: &str) -> Pair {
-        let policy = Arc::new(Policy::parse(policy, "test").unwrap());
+        Pair::with_policy(Policy::parse(policy, "test").unwrap())
+    }
+
+    fn with_policy(policy: Policy) -> Pair {
+        let policy = Arc::new(policy);
         let now = Instant::now();
         let mut p = Pair {
             s: Session::new(policy, now),
@@ -829,6 +833,18 @@ fn bdat_message_with_a_denied_header_is_refused() {
     assert_eq!(p.take_up(), b"NOOP\r\n");
 }
 
+/// A greeted session under `starttls = "terminate"` (the certificate is the guard layer's
+/// business, so the engine runs without one).
+fn terminating() -> Pair {
+    let mut policy = Policy::default();
+    policy.starttls = crate::config::StartTls::Terminate;
+    let mut p = Pair::with_policy(policy);
+    p.connected();
+    p.upstream(BANNER);
+    p.take_client();
+    p
+}
+
 fn with_identity(policy: &str) -> Pair {
     let mut p = Pair::new(policy);
     let id = Identity {
@@ -838,6 +854,44 @@ fn with_identity(policy: &str) -> Pair {
     let s = std::mem::replace(&mut p.s, Session::new(Arc::new(Policy::default()), p.now));
     p.s = s.with_identity(id);
     p
+}
+
+#[test]
+fn terminate_answers_starttls_after_pipelined_replies_and_drops_what_followed() {
+    let mut p = terminating();
+    p.client(b"EHLO c.test\r\nSTARTTLS\r\nMAIL FROM:<injected@x>\r\n");
+    assert_eq!(
+        p.take_up(),
+        b"EHLO c.test\r\n",
+        "STARTTLS and MAIL stay here"
+    );
+    assert_eq!(p.s.take_tls_switch(), None, "not before the EHLO reply");
+    let mut out = Vec::new();
+    p.s.on_upstream(EHLO_REPLY, p.now, &mut out);
+    let switch = p.s.take_tls_switch().expect("switched after the 220");
+    assert_eq!(switch, out.len(), "nothing follows the 220 in plain text");
+    p.apply(EHLO_REPLY, out);
+    let to_client = String::from_utf8(p.take_client()).unwrap();
+    let (ehlo, ready) = to_client.split_at(to_client.find("220 ").unwrap());
+    assert_eq!(ehlo.matches("STARTTLS").count(), 1, "{ehlo}");
+    assert!(ehlo.ends_with("250 STARTTLS\r\n"), "ours, last: {ehlo}");
+    assert_eq!(ready, "220 2.0.0 Ready to start TLS\r\n");
+    p.s.tls_established(p.now);
+    p.client(b"MAIL FROM:<a@b.test>\r\n");
+    assert_eq!(p.take_client(), b"503 5.5.1 Send EHLO first\r\n");
+    // A BDAT chunk before the new EHLO is skipped by its length, not read as commands.
+    p.client(b"BDAT 25 LAST\r\nRCPT TO:<hidden@x.test>\r\n");
+    assert_eq!(p.take_client(), b"503 5.5.1 Send EHLO first\r\n");
+    assert!(p.take_up().is_empty(), "the injected MAIL never went out");
+    p.client(b"EHLO c.test\r\n");
+    p.upstream(EHLO_REPLY);
+    let again = String::from_utf8(p.take_client()).unwrap();
+    assert!(
+        !again.contains("STARTTLS"),
+        "not offered inside TLS: {again}"
+    );
+    p.client(b"STARTTLS\r\n");
+    assert_eq!(p.take_client(), b"503 5.5.1 TLS already active\r\n");
 }
 
 #[test]
@@ -933,4 +987,45 @@ fn proxy_header_opens_every_upstream_connection() {
 
 fn proxy_header_v1(client: &str, local: &str) -> Vec<u8> {
     crate::proxy_header::v1(client.parse().unwrap(), local.parse().unwrap())
+}
+
+#[test]
+fn upstream_starttls_runs_hidden_and_a_refusal_closes_before_any_banner() {
+    const POLICY: &str = "upstream_tls = \"starttls\"\nupstream_tls_verify = false";
+    let mut p = Pair::new(POLICY);
+    p.connected();
+    p.upstream(BANNER);
+    assert!(
+        p.take_client().is_empty(),
+        "banner held during the preamble"
+    );
+    assert_eq!(p.take_up(), b"EHLO mailguard\r\n");
+    p.upstream(EHLO_REPLY);
+    assert_eq!(p.take_up(), b"STARTTLS\r\n");
+    let mut out = Vec::new();
+    p.s.on_upstream(b"220 2.0.0 go ahead\r\n", p.now, &mut out);
+    assert_eq!(p.s.take_upstream_tls_switch(), Some(out.len()));
+    p.apply(&[], out);
+    assert!(p.take_up().is_empty(), "nothing more until the handshake");
+    let mut out = Vec::new();
+    p.s.upstream_tls_established(p.now, &mut out);
+    p.apply(&[], out);
+    assert_eq!(p.take_up(), b"EHLO mailguard\r\n", "EHLO again, inside TLS");
+    p.upstream(EHLO_REPLY);
+    assert_eq!(
+        p.take_client(),
+        BANNER,
+        "the banner once the preamble is over"
+    );
+
+    let mut refused = Pair::new(POLICY);
+    refused.connected();
+    refused.upstream(BANNER);
+    refused.upstream(EHLO_REPLY);
+    refused.upstream(b"454 4.7.0 TLS not available\r\n");
+    assert_eq!(
+        refused.take_client(),
+        b"421 4.3.0 Service unavailable, try again later\r\n"
+    );
+    assert!(refused.closed);
 }
