@@ -302,10 +302,18 @@ impl Postfix {
         assert!(ok, "postqueue -j: {out}");
         out.lines()
             .filter(|l| l.starts_with('{'))
-            .map(|l| Queued {
-                id: json_str(l, "queue_id").unwrap_or_default(),
-                sender: json_str(l, "sender").unwrap_or_default(),
-                recipients: json_all(l, "address"),
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l)
+                    .unwrap_or_else(|e| panic!("postqueue -j line {l:?}: {e}"));
+                let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+                Queued {
+                    id: text(&v["queue_id"]),
+                    sender: text(&v["sender"]),
+                    recipients: v["recipients"]
+                        .as_array()
+                        .map(|a| a.iter().map(|r| text(&r["address"])).collect())
+                        .unwrap_or_default(),
+                }
             })
             .collect()
     }
@@ -353,11 +361,18 @@ impl Postfix {
     /// sender `from`; `-i` so a lone dot line is data.
     #[track_caller]
     pub fn sendmail(&self, from: &str, to: &[&str], message: &[u8]) {
+        self.sendmail_with(&[], from, to, message);
+    }
+
+    /// [`Postfix::sendmail`] with extra options, e.g. `-B 8BITMIME`.
+    #[track_caller]
+    pub fn sendmail_with(&self, options: &[&str], from: &str, to: &[&str], message: &[u8]) {
         use std::io::Write;
         let mut child = Command::new("/usr/sbin/sendmail")
             .arg("-C")
             .arg(&self.dir.path)
             .arg("-i")
+            .args(options)
             .arg("-f")
             .arg(from)
             .arg("--")
@@ -417,27 +432,6 @@ impl Drop for Postfix {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-/// The string value of `"key": "..."` in one JSON line (no escapes in the values we read).
-pub fn json_str(line: &str, key: &str) -> Option<String> {
-    json_all(line, key).into_iter().next()
-}
-
-/// Every string value of `"key": "..."` in one JSON line.
-fn json_all(line: &str, key: &str) -> Vec<String> {
-    let pat = format!("\"{key}\": \"");
-    let mut v = Vec::new();
-    let mut rest = line;
-    while let Some(at) = rest.find(&pat) {
-        let start = at + pat.len();
-        let Some(end) = rest[start..].find('"') else {
-            break;
-        };
-        v.push(rest[start..start + end].to_string());
-        rest = &rest[start + end..];
-    }
-    v
 }
 
 /// Count of queued messages from `sender`.

@@ -1,7 +1,10 @@
 //! Sending a message with Python's `smtplib`, a real SMTP client nobody here wrote, for the
 //! end-to-end tests. Each test file supplies the head of the script (how the message is built:
 //! it must set `port, sender, rcpts, spec, dump` from argv, put the bytes in `data` and write
-//! them to `dump`); the send, the error handling and the JSON report are shared.
+//! them to `dump`); the send, the error handling and the JSON report are shared. Optional spec
+//! keys for the send: `"starttls": true` (no certificate check), `"auth": [user, password,
+//! mechanism]` (`PLAIN` or `LOGIN`, forced), `"mail_options": [...]` (e.g. `BODY=8BITMIME`,
+//! `SMTPUTF8`).
 
 #![allow(dead_code)]
 
@@ -24,7 +27,16 @@ source = (spec["source"], 0) if spec.get("source") else None
 try:
     with smtplib.SMTP("127.0.0.1", int(port), local_hostname="client.test", timeout=20,
                       source_address=source) as s:
-        refused = s.sendmail(sender, rcpts.split(","), data)
+        if spec.get("starttls"):
+            import ssl
+            s.starttls(context=ssl._create_unverified_context())
+        if spec.get("auth"):
+            user, password, mechanism = spec["auth"]
+            s.ehlo_or_helo_if_needed()
+            s.user, s.password = user, password
+            s.auth(mechanism, getattr(s, "auth_" + mechanism.lower()))
+        refused = s.sendmail(sender, rcpts.split(","), data,
+                             mail_options=spec.get("mail_options", []))
     out = {"status": "ok", "refused": {k: [c, text(m)] for k, (c, m) in refused.items()}}
 except smtplib.SMTPDataError as e:
     out = {"status": "data", "code": e.smtp_code, "msg": text(e.smtp_error)}
