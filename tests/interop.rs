@@ -706,6 +706,9 @@ fn telnet_cell(mta: &Mta) {
     let got = mta.received();
     let r = assert_delivered(mta, &got, from, &msg, 0);
     assert_eq!(last_base64_part(&r.message), last_base64_part(&msg));
+    if let Mta::Aiosmtpd(_) = mta {
+        assert!(r.mail_options.iter().any(|o| o == "BODY=8BITMIME"), "{r:?}");
+    }
     assert_eq!(got.len(), 1, "no other message arrived");
 }
 
