@@ -2,6 +2,10 @@
 //! factory that gives each accepted connection a [`Session`] holding the policy snapshot
 //! current at accept.
 //!
+//! Sessions under `starttls = "terminate"` route the client's bytes through the sans-IO TLS
+//! layer ([`crate::tls`]) once the engine has answered STARTTLS: ciphertext from the ring goes
+//! in, plaintext to the engine, and its replies to the client come back encrypted.
+//!
 //! Owns the policy generation, the per-host connection counts and, per worker, the totals of
 //! what ended sessions decided (published once per second, never shared per event). Must not
 //! touch sockets (the ring's) or SMTP (the engine's).
@@ -19,6 +23,7 @@ use crate::proto::rate::{RateKey, Rates};
 use crate::proto::{Refusal, Session};
 use crate::relay::{Action, Proxy, ProxyFactory};
 use crate::tally::{self, End, EngineTotals, Event, SessionReport, Watch};
+use crate::tls::{self, ServerSide};
 
 /// The policy in force, replaced as a whole on reload. Readers look at the generation (one
 /// atomic load per accept) and take the lock only when it changed.
@@ -174,6 +179,10 @@ pub struct GuardSession {
     trace_decisions: bool,
     /// The server asked it to end (a drain).
     draining: bool,
+    /// What the client is shown when the guard terminates STARTTLS.
+    tls_config: Option<Arc<rustls::ServerConfig>>,
+    /// The client connection's TLS, from the engine's `220` to STARTTLS on.
+    tls: Option<ServerSide>,
 }
 
 impl GuardSession {
@@ -188,6 +197,8 @@ impl GuardSession {
             upstream_bytes: 0,
             end: None,
             draining: false,
+            tls_config: None,
+            tls: None,
             trace_decisions: tracing::enabled!(
                 target: "mailguard::decision",
                 tracing::Level::DEBUG
@@ -209,6 +220,69 @@ impl GuardSession {
     /// factory for a session the ring ended without its consent.
     pub fn end(&self) -> Option<End> {
         self.end
+    }
+
+    /// Runs one engine call whose input was `input` (`copy_input` when that is plaintext the
+    /// TLS layer decrypted, not the ring's buffer), then encrypts what it sends the client
+    /// once the client side is TLS, starting at the engine's `220` if this call sent it.
+    fn run(
+        &mut self,
+        event: Event,
+        out: &mut Vec<Action>,
+        input: &[u8],
+        copy_input: bool,
+        call: impl FnOnce(&mut Session, &mut Vec<Action>),
+    ) {
+        let from = out.len();
+        self.step(event, out, call);
+        let seal_from = match self.inner.take_tls_switch() {
+            Some(at) => {
+                self.tls = self.tls_config.clone().and_then(ServerSide::new);
+                if self.tls.is_none() {
+                    self.fail_tls(out);
+                    return;
+                }
+                at
+            }
+            None => from,
+        };
+        if let Some(tls) = &mut self.tls {
+            tls.seal(out, seal_from, input, copy_input);
+        }
+    }
+
+    /// Ciphertext from a client that started TLS.
+    fn on_client_tls(&mut self, data: &[u8], now: Instant, out: &mut Vec<Action>) {
+        let Some(tls) = &mut self.tls else {
+            return;
+        };
+        let was_handshaking = tls.is_handshaking();
+        let mut plain = Vec::new();
+        let mut wire = Vec::new();
+        let ok = tls.receive(data, &mut plain, &mut wire);
+        let established = was_handshaking && !tls.is_handshaking();
+        tls::push_wire(out, &mut wire);
+        if !ok {
+            self.fail_tls(out);
+            return;
+        }
+        if established {
+            self.inner.tls_established(now);
+        }
+        if !plain.is_empty() {
+            self.run(Event::Client, out, &plain, true, |s, out| {
+                s.on_client(&plain, now, out)
+            });
+        }
+    }
+
+    /// A failed handshake or a fatal TLS error: the session ends without an SMTP reply, since
+    /// there is no channel left to send one on.
+    fn fail_tls(&mut self, out: &mut Vec<Action>) {
+        if self.end.is_none() {
+            self.end = Some(End::ProtocolError);
+            out.push(Action::Close);
+        }
     }
 
     /// Runs one engine call and notes how the session ended if this call ended it.
@@ -237,31 +311,43 @@ impl GuardSession {
 
 impl Proxy for GuardSession {
     fn start(&mut self, now: Instant, out: &mut Vec<Action>) {
-        self.step(Event::Start, out, |s, out| s.start(now, out));
+        self.run(Event::Start, out, &[], false, |s, out| s.start(now, out));
     }
     fn on_client(&mut self, data: &[u8], now: Instant, out: &mut Vec<Action>) {
         self.client_bytes += data.len() as u64;
-        self.step(Event::Client, out, |s, out| s.on_client(data, now, out));
+        if self.tls.is_some() {
+            self.on_client_tls(data, now, out);
+            return;
+        }
+        self.run(Event::Client, out, data, false, |s, out| {
+            s.on_client(data, now, out)
+        });
     }
     fn on_upstream(&mut self, data: &[u8], now: Instant, out: &mut Vec<Action>) {
         self.upstream_bytes += data.len() as u64;
-        self.step(Event::Upstream, out, |s, out| s.on_upstream(data, now, out));
+        self.run(Event::Upstream, out, data, false, |s, out| {
+            s.on_upstream(data, now, out)
+        });
     }
     fn on_upstream_connected(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let from = out.len();
         self.inner.on_upstream_connected(now, out);
+        if let Some(tls) = &mut self.tls {
+            tls.seal(out, from, &[], false);
+        }
     }
     fn on_upstream_failed(&mut self, now: Instant, out: &mut Vec<Action>) {
-        self.step(Event::UpstreamFailed, out, |s, out| {
+        self.run(Event::UpstreamFailed, out, &[], false, |s, out| {
             s.on_upstream_failed(now, out)
         });
     }
     fn on_client_closed(&mut self, now: Instant, out: &mut Vec<Action>) {
-        self.step(Event::ClientClosed, out, |s, out| {
+        self.run(Event::ClientClosed, out, &[], false, |s, out| {
             s.on_client_closed(now, out)
         });
     }
     fn on_upstream_closed(&mut self, now: Instant, out: &mut Vec<Action>) {
-        self.step(Event::UpstreamClosed, out, |s, out| {
+        self.run(Event::UpstreamClosed, out, &[], false, |s, out| {
             s.on_upstream_closed(now, out)
         });
     }
@@ -269,11 +355,13 @@ impl Proxy for GuardSession {
         self.inner.deadline()
     }
     fn on_timeout(&mut self, now: Instant, out: &mut Vec<Action>) {
-        self.step(Event::Timeout, out, |s, out| s.on_timeout(now, out));
+        self.run(Event::Timeout, out, &[], false, |s, out| {
+            s.on_timeout(now, out)
+        });
     }
     fn on_shutdown(&mut self, force: bool, now: Instant, out: &mut Vec<Action>) {
         self.draining = true;
-        self.step(Event::Shutdown, out, |s, out| {
+        self.run(Event::Shutdown, out, &[], false, |s, out| {
             s.on_shutdown(force, now, out)
         });
     }
@@ -341,6 +429,7 @@ impl SessionFactory {
     ) -> GuardSession {
         let mut session = GuardSession::new(inner, permit, peer, now);
         session.generation = self.generation;
+        session.tls_config = self.policy.tls.server.clone();
         session
     }
 }

@@ -15,3 +15,4 @@ pub mod metrics;
 pub mod proto;
 pub mod relay;
 pub mod tally;
+pub mod tls;

@@ -116,6 +116,24 @@ pub fn settings(p: &Policy) -> Vec<Setting> {
             "reject_unauth_pipelining",
             p.reject_unauth_pipelining.to_string(),
         ),
+        Setting {
+            key: "tls_cert",
+            value: p.tls.cert.as_ref().map(|c| quote(&c.display().to_string())),
+        },
+        Setting {
+            key: "tls_key",
+            value: p.tls.key.as_ref().map(|k| quote(&k.display().to_string())),
+        },
+        set("upstream_tls", quote(p.tls.upstream.name())),
+        set("upstream_tls_verify", p.tls.upstream_verify.to_string()),
+        Setting {
+            key: "upstream_tls_ca",
+            value: p
+                .tls
+                .upstream_ca
+                .as_ref()
+                .map(|c| quote(&c.display().to_string())),
+        },
     ]
 }
 
@@ -219,6 +237,7 @@ fn starttls(s: StartTls) -> &'static str {
     match s {
         StartTls::Pass => "pass",
         StartTls::Strip => "strip",
+        StartTls::Terminate => "terminate",
     }
 }
 

@@ -10,6 +10,7 @@
 pub mod describe;
 mod policy;
 mod setup;
+mod tls;
 
 pub use policy::AUTH_LINE_LENGTH;
 
@@ -19,3 +20,4 @@ pub use policy::{
 pub use setup::{
     resolve, LogFormat, LogLevel, PolicySource, RingTuning, Setup, SetupError, MAX_DRAIN_SECS,
 };
+pub use tls::{TlsPolicy, UpstreamTls};

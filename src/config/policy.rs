@@ -11,6 +11,8 @@ use crate::proto::content::{CompiledRules, ContentRules, Rule};
 use crate::proto::rules::{AddressPatterns, Domains};
 use crate::proto::Verb;
 
+use super::tls::{Missing, TlsKeys, TlsPolicy, UpstreamTls};
+
 /// Which verbs pass when no explicit `allow` list is given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -110,6 +112,9 @@ pub enum StartTls {
     Pass,
     /// STARTTLS is removed from the EHLO reply and blocked.
     Strip,
+    /// mailguard offers STARTTLS itself (`tls_cert`, `tls_key`), terminates the client's TLS
+    /// and goes on inspecting the plaintext.
+    Terminate,
 }
 
 /// What a content or envelope rule does when it matches.
@@ -161,6 +166,13 @@ pub enum PolicyError {
         path: String,
         #[source]
         source: std::io::Error,
+    },
+    /// A certificate, key or CA file the policy names cannot be used.
+    #[error("{path}: {source}")]
+    Tls {
+        path: String,
+        #[source]
+        source: crate::tls::TlsError,
     },
     /// The file is not a valid policy.
     #[error("{path}:{line}:{column}: {message}")]
@@ -224,6 +236,8 @@ pub struct Policy {
     pub reject_unauth_pipelining: bool,
     /// The header, MIME and body rules compiled once for every message under this policy.
     pub content: ContentCheck,
+    /// The certificate for `starttls = "terminate"` and the upstream TLS settings.
+    pub tls: TlsPolicy,
     /// The verbs that pass: the mode's (or `allow`'s) minus those of removed extensions.
     allowed: Vec<Verb>,
 }
@@ -277,6 +291,12 @@ impl Policy {
     }
 
     fn from_file(file: File, text: &str, origin: &str) -> Result<Policy, PolicyError> {
+        let starttls_at = file.starttls.as_ref().map_or(0, |s| s.span().start);
+        let starttls = file
+            .starttls
+            .as_ref()
+            .map_or(StartTls::Pass, |s| *s.get_ref());
+        let tls = tls_policy(&file, starttls, text, origin, starttls_at)?;
         let patterns = |list: Option<Spanned<Ruled<Vec<String>>>>| -> Result<Option<Ruled<AddressPatterns>>, PolicyError> {
             list.map(|spanned| {
                 let start = spanned.span().start;
@@ -310,7 +330,6 @@ impl Policy {
         let extensions: Option<Vec<String>> = file
             .extensions
             .map(|list| list.into_iter().map(|k| k.0).collect());
-        let starttls = file.starttls.unwrap_or(StartTls::Pass);
         let mode = file.mode.unwrap_or(Mode::Modern);
         let base: &[Verb] = allow.as_deref().unwrap_or(mode.verbs());
         let mut allowed: Vec<Verb> = base
@@ -391,6 +410,7 @@ impl Policy {
             pregreet_wait: Duration::from_millis(file.pregreet_wait_ms.unwrap_or(0)),
             reject_unauth_pipelining: file.reject_unauth_pipelining.unwrap_or(false),
             content: ContentCheck(None),
+            tls,
             allowed,
         };
         let rules = policy.content_rules();
@@ -459,6 +479,10 @@ impl Policy {
         if !listed {
             return false;
         }
+        if self.starttls == StartTls::Terminate && keyword.eq_ignore_ascii_case(b"STARTTLS") {
+            // mailguard announces its own STARTTLS; the upstream's is not the client's to use.
+            return false;
+        }
         let verb_ok = KEYWORD_VERBS
             .iter()
             .filter(|(kw, _)| kw.as_bytes().eq_ignore_ascii_case(keyword))
@@ -501,7 +525,7 @@ struct File {
     #[serde(default, deserialize_with = "line_length")]
     max_line_length: Option<u32>,
     bare_lf: Option<BareLf>,
-    starttls: Option<StartTls>,
+    starttls: Option<Spanned<StartTls>>,
     check_addresses: Option<bool>,
     #[serde(default, deserialize_with = "at_least_one")]
     hard_error_limit: Option<u32>,
@@ -533,6 +557,53 @@ struct File {
     #[serde(default, deserialize_with = "milliseconds")]
     pregreet_wait_ms: Option<u64>,
     reject_unauth_pipelining: Option<bool>,
+    tls_cert: Option<String>,
+    tls_key: Option<String>,
+    upstream_tls: Option<Spanned<UpstreamTls>>,
+    upstream_tls_verify: Option<bool>,
+    upstream_tls_ca: Option<String>,
+}
+
+/// Validates the TLS keys and loads the files they name.
+fn tls_policy(
+    file: &File,
+    starttls: StartTls,
+    text: &str,
+    origin: &str,
+    starttls_at: usize,
+) -> Result<TlsPolicy, PolicyError> {
+    let keys = TlsKeys {
+        terminate: starttls == StartTls::Terminate,
+        cert: file.tls_cert.clone(),
+        key: file.tls_key.clone(),
+        upstream: file.upstream_tls.as_ref().map(|u| *u.get_ref()),
+        upstream_verify: file.upstream_tls_verify,
+        upstream_ca: file.upstream_tls_ca.clone(),
+    };
+    keys.check().map_err(|missing| {
+        let at = match missing {
+            Missing::CertOrKey => starttls_at,
+            Missing::UpstreamCa => file.upstream_tls.as_ref().map_or(0, |u| u.span().start),
+        };
+        invalid(text, origin, at, missing.message())
+    })?;
+    if let Some(u) = file
+        .upstream_tls
+        .as_ref()
+        .filter(|u| *u.get_ref() == UpstreamTls::Starttls)
+    {
+        // Refused rather than silently sent in plain text.
+        return Err(invalid(
+            text,
+            origin,
+            u.span().start,
+            "upstream_tls = \"starttls\" is not implemented in this build yet",
+        ));
+    }
+    keys.load().map_err(|source| PolicyError::Tls {
+        path: origin.to_string(),
+        source,
+    })
 }
 
 /// A rule is written as its value alone (default action) or as `{ value = …, action = … }`.

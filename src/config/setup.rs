@@ -159,6 +159,13 @@ pub enum SetupError {
         #[source]
         source: std::io::Error,
     },
+    /// A certificate, key or CA file named by its `[policy]` table cannot be used.
+    #[error("{path}: {source}")]
+    Tls {
+        path: String,
+        #[source]
+        source: crate::tls::TlsError,
+    },
     /// The file is not a valid config (its `[policy]` table included).
     #[error("{path}:{line}:{column}: {message}")]
     Invalid {
@@ -175,6 +182,7 @@ impl From<PolicyError> for SetupError {
     fn from(e: PolicyError) -> SetupError {
         match e {
             PolicyError::Read { path, source } => SetupError::Read { path, source },
+            PolicyError::Tls { path, source } => SetupError::Tls { path, source },
             PolicyError::Invalid {
                 path,
                 line,

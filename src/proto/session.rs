@@ -228,6 +228,8 @@ enum Pending {
     Upstream(Expect),
     /// The guard answers, once every earlier reply has gone out.
     Local { reply: &'static [u8], close: bool },
+    /// The guard's own `220` to STARTTLS, and the switch to TLS right after it.
+    StartTls,
 }
 
 /// The forwarded command an upstream reply answers.
@@ -342,6 +344,9 @@ pub struct Session {
     now: Instant,
     client_since: Instant,
     upstream_since: Instant,
+    /// TLS terminated by the guard, and where in the last call's actions it began.
+    tls: starttls::Phase,
+    tls_switch: Option<usize>,
 }
 
 impl Session {
@@ -384,6 +389,8 @@ impl Session {
             now,
             client_since: now,
             upstream_since: now,
+            tls: starttls::Phase::Plain,
+            tls_switch: None,
         }
     }
 
@@ -417,7 +424,8 @@ impl Session {
     fn must_hold(&self) -> bool {
         match self.mode {
             ClientMode::Command | ClientMode::Sasl => {
-                self.at_sync_point()
+                self.tls == starttls::Phase::Handshaking
+                    || self.at_sync_point()
                     || !matches!(self.up, Up::Ready)
                     || self.pending.len() >= MAX_PENDING
             }
@@ -430,9 +438,10 @@ impl Session {
     fn at_sync_point(&self) -> bool {
         matches!(
             self.pending.back(),
-            Some(Pending::Upstream(
-                Expect::Data | Expect::Auth | Expect::StartTls
-            ))
+            Some(
+                Pending::Upstream(Expect::Data | Expect::Auth | Expect::StartTls)
+                    | Pending::StartTls
+            )
         )
     }
 
@@ -457,7 +466,8 @@ impl Session {
     }
 
     fn hold(&mut self, rest: &[u8], out: &mut Vec<Action>) {
-        if rest.is_empty() || self.stop_reading {
+        // Bytes after STARTTLS that came before the 220 are injected plaintext: dropped.
+        if rest.is_empty() || self.stop_reading || self.tls == starttls::Phase::Handshaking {
             return;
         }
         if self.held.len() + rest.len() > MAX_HELD {
@@ -648,6 +658,9 @@ impl Session {
                 };
                 self.forward(line.chunk(), expect, out);
             }
+            Verb::MAIL | Verb::RCPT | Verb::DATA | Verb::BDAT if self.needs_ehlo_again() => {
+                self.local_error(starttls::EHLO_FIRST, out);
+            }
             Verb::MAIL => {
                 let max = self.policy.max_message_size;
                 if max > 0 && command::size_param(content).is_some_and(|size| size > max) {
@@ -692,6 +705,7 @@ impl Session {
                 self.auth_in_progress = vec![line.owned()];
                 self.forward(line.chunk(), Expect::Auth, out);
             }
+            Verb::STARTTLS if self.terminates_tls() => self.on_starttls(line, out),
             Verb::STARTTLS => self.forward(line.chunk(), Expect::StartTls, out),
             Verb::QUIT => {
                 self.stop_reading = true;
@@ -1113,6 +1127,7 @@ impl Session {
                 self.pipelining_offered = reply::lines(&filtered).skip(1).any(|l| {
                     reply::keyword(l.get(4..).unwrap_or(&[])).eq_ignore_ascii_case(b"PIPELINING")
                 });
+                let filtered = self.announce_starttls(filtered);
                 send(out, Side::Client, Chunk::Owned(filtered));
             }
             Expect::Mail => {
@@ -1260,7 +1275,16 @@ impl Session {
     }
 
     fn flush_locals(&mut self, out: &mut Vec<Action>) {
-        while let Some(&Pending::Local { reply, close }) = self.pending.front() {
+        loop {
+            let (reply, close) = match self.pending.front() {
+                Some(&Pending::Local { reply, close }) => (reply, close),
+                Some(Pending::StartTls) => {
+                    self.pending.pop_front();
+                    self.switch_to_tls(out);
+                    return;
+                }
+                _ => return,
+            };
             self.pending.pop_front();
             self.counters.reply(reply);
             send(out, Side::Client, Chunk::Static(reply));
@@ -1616,6 +1640,8 @@ impl Session {
         self.fail_close(reply, out);
     }
 }
+
+mod starttls;
 
 #[cfg(test)]
 mod tests;

@@ -2,9 +2,9 @@
 //! end-to-end tests. Each test file supplies the head of the script (how the message is built:
 //! it must set `port, sender, rcpts, spec, dump` from argv, put the bytes in `data` and write
 //! them to `dump`); the send, the error handling and the JSON report are shared. Optional spec
-//! keys for the send: `"starttls": true` (no certificate check), `"auth": [user, password,
-//! mechanism]` (`PLAIN` or `LOGIN`, forced), `"mail_options": [...]` (e.g. `BODY=8BITMIME`,
-//! `SMTPUTF8`).
+//! keys for the send: `"starttls": "<CA file>"` (through `starttls()`, verifying against it),
+//! `"auth": [user, password, mechanism]` (`PLAIN` or `LOGIN`, forced), `"mail_options": [...]`
+//! (e.g. `BODY=8BITMIME`, `SMTPUTF8`).
 
 #![allow(dead_code)]
 
@@ -29,7 +29,7 @@ try:
                       source_address=source) as s:
         if spec.get("starttls"):
             import ssl
-            s.starttls(context=ssl._create_unverified_context())
+            s.starttls(context=ssl.create_default_context(cafile=spec["starttls"]))
         if spec.get("auth"):
             user, password, mechanism = spec["auth"]
             s.ehlo_or_helo_if_needed()

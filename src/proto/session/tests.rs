@@ -22,7 +22,11 @@ struct Pair {
 
 impl Pair {
     fn new(policy: &str) -> Pair {
-        let policy = Arc::new(Policy::parse(policy, "test").unwrap());
+        Pair::with_policy(Policy::parse(policy, "test").unwrap())
+    }
+
+    fn with_policy(policy: Policy) -> Pair {
+        let policy = Arc::new(policy);
         let now = Instant::now();
         let mut p = Pair {
             s: Session::new(policy, now),
@@ -827,4 +831,51 @@ fn bdat_message_with_a_denied_header_is_refused() {
     p.connected();
     p.upstream(BANNER);
     assert_eq!(p.take_up(), b"NOOP\r\n");
+}
+
+/// A greeted session under `starttls = "terminate"` (the certificate is the guard layer's
+/// business, so the engine runs without one).
+fn terminating() -> Pair {
+    let mut policy = Policy::default();
+    policy.starttls = crate::config::StartTls::Terminate;
+    let mut p = Pair::with_policy(policy);
+    p.connected();
+    p.upstream(BANNER);
+    p.take_client();
+    p
+}
+
+#[test]
+fn terminate_answers_starttls_after_pipelined_replies_and_drops_what_followed() {
+    let mut p = terminating();
+    p.client(b"EHLO c.test\r\nSTARTTLS\r\nMAIL FROM:<injected@x>\r\n");
+    assert_eq!(
+        p.take_up(),
+        b"EHLO c.test\r\n",
+        "STARTTLS and MAIL stay here"
+    );
+    assert_eq!(p.s.take_tls_switch(), None, "not before the EHLO reply");
+    let mut out = Vec::new();
+    p.s.on_upstream(EHLO_REPLY, p.now, &mut out);
+    let switch = p.s.take_tls_switch().expect("switched after the 220");
+    assert_eq!(switch, out.len(), "nothing follows the 220 in plain text");
+    p.apply(EHLO_REPLY, out);
+    let to_client = String::from_utf8(p.take_client()).unwrap();
+    let (ehlo, ready) = to_client.split_at(to_client.find("220 ").unwrap());
+    assert_eq!(ehlo.matches("STARTTLS").count(), 1, "{ehlo}");
+    assert!(ehlo.ends_with("250 STARTTLS\r\n"), "ours, last: {ehlo}");
+    assert_eq!(ready, "220 2.0.0 Ready to start TLS\r\n");
+    p.s.tls_established(p.now);
+    p.client(b"MAIL FROM:<a@b.test>\r\n");
+    assert_eq!(p.take_client(), b"503 5.5.1 Send EHLO first\r\n");
+    assert!(p.take_up().is_empty(), "the injected MAIL never went out");
+    p.client(b"EHLO c.test\r\n");
+    p.upstream(EHLO_REPLY);
+    let again = String::from_utf8(p.take_client()).unwrap();
+    assert!(
+        !again.contains("STARTTLS"),
+        "not offered inside TLS: {again}"
+    );
+    p.client(b"STARTTLS\r\n");
+    assert_eq!(p.take_client(), b"503 5.5.1 TLS already active\r\n");
 }

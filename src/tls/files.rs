@@ -1,0 +1,80 @@
+//! Reading the PEM certificate chain and private key named by the policy into a rustls
+//! server configuration. Owns the file access and its error messages; must not hold any
+//! session state.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::ServerConfig;
+
+/// A certificate, key or CA file could not be used. `Display` names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The file could not be read.
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file holds no usable PEM item of the kind wanted.
+    #[error("{path}: {message}")]
+    Pem { path: String, message: String },
+    /// rustls refused the certificate and key together (typically: they do not match).
+    #[error("{cert} with {key}: {message}")]
+    Config {
+        cert: String,
+        key: String,
+        message: String,
+    },
+}
+
+/// Reads `path` whole, naming it in the error.
+pub fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// The certificates of a PEM file, in order; at least one.
+pub fn certificates(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_error(path, &e.to_string()))?;
+    if certs.is_empty() {
+        return Err(pem_error(path, "no PEM certificate in the file"));
+    }
+    Ok(certs)
+}
+
+fn pem_error(path: &Path, message: &str) -> TlsError {
+    TlsError::Pem {
+        path: path.display().to_string(),
+        message: message.to_string(),
+    }
+}
+
+/// A server configuration presenting the chain in `cert` with the key in `key` (PKCS#8,
+/// PKCS#1 or SEC1 PEM), with the `ring` provider.
+pub fn load_server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+    let chain = certificates(cert, &read(cert)?)?;
+    let key_pem = read(key)?;
+    let private = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|e| pem_error(key, &format!("no usable PEM private key ({e})")))?;
+    let config_error = |message: String| TlsError::Config {
+        cert: cert.display().to_string(),
+        key: key.display().to_string(),
+        message,
+    };
+    let config =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| config_error(e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(chain, private)
+            .map_err(|e| config_error(e.to_string()))?;
+    Ok(Arc::new(config))
+}

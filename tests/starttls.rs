@@ -1,0 +1,592 @@
+//! `starttls = "terminate"` (issue 6) through the real binary: mailguard answers STARTTLS
+//! itself with the policy's certificate, terminates TLS from swaks, Python's smtplib, openssl
+//! s_client and a rustls client, and keeps inspecting the plaintext, which is what reaches the
+//! recording upstream.
+//!
+//! Certificates are made per test with `openssl req` in a TempDir: a test CA, a server
+//! certificate for 127.0.0.1 signed by it, and a second, unrelated CA.
+
+mod common;
+mod smtplib_client;
+
+use common::*;
+use serde_json::json;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+
+const FROM: &str = "sender@example.test";
+const TO: &str = "rcpt@example.test";
+const READY: &str = "220 2.0.0 Ready to start TLS\r\n";
+
+/// A test CA, a server certificate and key for 127.0.0.1 signed by it, and another CA.
+struct Pki {
+    dir: TempDir,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = TempDir::new();
+        let ext = dir.write(
+            "server.ext",
+            b"basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n\
+              subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n\
+              subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+        );
+        let pki = Pki { dir };
+        pki.openssl(
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ]
+            .iter()
+            .chain(&["-nodes", "-days", "2", "-subj", "/CN=mailguard test CA"])
+            .chain(&["-keyout", "ca.key", "-out", "ca.pem"])
+            .copied()
+            .collect::<Vec<_>>(),
+        );
+        pki.openssl(
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ]
+            .iter()
+            .chain(&["-nodes", "-days", "2", "-subj", "/CN=other CA"])
+            .chain(&["-keyout", "other.key", "-out", "other.pem"])
+            .copied()
+            .collect::<Vec<_>>(),
+        );
+        pki.openssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "server.csr",
+        ]);
+        pki.openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            "cert.pem",
+            "-extfile",
+            &ext.display().to_string(),
+        ]);
+        pki
+    }
+
+    #[track_caller]
+    fn openssl(&self, args: &[&str]) {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(&self.dir.path)
+            .stdin(Stdio::null())
+            .output()
+            .expect("openssl is needed by this test");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path.join(name)
+    }
+
+    fn ca(&self) -> String {
+        self.path("ca.pem").display().to_string()
+    }
+
+    fn other_ca(&self) -> String {
+        self.path("other.pem").display().to_string()
+    }
+
+    /// A policy terminating STARTTLS with this certificate, plus `extra` keys.
+    fn policy(&self, extra: &str) -> String {
+        format!(
+            "starttls = \"terminate\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n{extra}\n",
+            self.path("cert.pem").display(),
+            self.path("key.pem").display()
+        )
+    }
+}
+
+/// A rustls client trusting `ca`, over an SMTP connection that just got its 220 to STARTTLS.
+struct TlsClient {
+    stream: StreamOwned<ClientConnection, TcpStream>,
+    buf: Vec<u8>,
+}
+
+impl TlsClient {
+    #[track_caller]
+    fn handshake(plain: &Client, ca: &Path) -> TlsClient {
+        let mut roots = RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(ca).expect("CA file") {
+            roots.add(cert.expect("CA certificate")).expect("CA added");
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let name = ServerName::try_from("127.0.0.1").expect("server name");
+        let conn = ClientConnection::new(Arc::new(config), name).expect("client connection");
+        let tcp = plain.stream.try_clone().expect("clone the socket");
+        tcp.set_read_timeout(Some(WAIT)).unwrap();
+        let mut stream = StreamOwned::new(conn, tcp);
+        while stream.conn.is_handshaking() {
+            stream
+                .conn
+                .complete_io(&mut stream.sock)
+                .expect("TLS handshake with mailguard");
+        }
+        TlsClient {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("write over TLS");
+        self.stream.flush().expect("flush over TLS");
+    }
+
+    /// One whole reply (every line up to the one with a space after the code).
+    #[track_caller]
+    fn reply(&mut self) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(end) = reply_end(&self.buf) {
+                let reply: Vec<u8> = self.buf.drain(..end).collect();
+                return String::from_utf8_lossy(&reply).into_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no reply over TLS: {:?}",
+                self.buf
+            );
+            let mut chunk = [0u8; 4096];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => panic!("closed while reading a reply: {:?}", self.buf),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) => panic!("read over TLS: {e}; so far {:?}", self.buf),
+            }
+        }
+    }
+
+    #[track_caller]
+    fn cmd(&mut self, line: &str) -> String {
+        self.send(format!("{line}\r\n").as_bytes());
+        self.reply()
+    }
+}
+
+/// The length of the first complete reply in `buf`, if there is one.
+fn reply_end(buf: &[u8]) -> Option<usize> {
+    let mut start = 0;
+    while let Some(lf) = buf[start..].iter().position(|&b| b == b'\n') {
+        let line = &buf[start..start + lf + 1];
+        start += lf + 1;
+        if line.get(3) != Some(&b'-') {
+            return Some(start);
+        }
+    }
+    None
+}
+
+/// EHLO, STARTTLS and its 220 in plain text, then the handshake.
+#[track_caller]
+fn tls_session(guard: &Guard, pki: &Pki) -> TlsClient {
+    let mut c = guard.client();
+    c.ehlo();
+    c.cmd("STARTTLS").expect_raw(READY);
+    TlsClient::handshake(&c, &pki.path("ca.pem"))
+}
+
+fn count_lines(reply: &str, keyword: &str) -> usize {
+    reply
+        .lines()
+        .filter(|l| l.get(4..).is_some_and(|k| k.eq_ignore_ascii_case(keyword)))
+        .count()
+}
+
+/// Runs `cmd` to its end (bounded), feeding `stdin`; returns (success, stdout + stderr).
+fn run(mut cmd: Command, stdin: &[u8], label: &str) -> (bool, String) {
+    let dir = TempDir::new();
+    let out_path = dir.path.join("out.txt");
+    let out = std::fs::File::create(&out_path).unwrap();
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap_or_else(|e| panic!("{label} is needed by this test: {e}"));
+    if let Some(mut input) = child.stdin.take() {
+        input.write_all(stdin).expect("write stdin");
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{label} still running after 60 s");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    let text = std::fs::read_to_string(&out_path).unwrap_or_default();
+    (status.success(), text)
+}
+
+fn swaks(addr: SocketAddr, ca: &str, body: &str) -> (bool, String) {
+    let mut cmd = Command::new("swaks");
+    cmd.args([
+        "--server",
+        &addr.to_string(),
+        "--tls",
+        "--tls-verify",
+        "--tls-ca-path",
+        ca,
+    ])
+    .args(["--from", FROM, "--to", TO, "--helo", CLIENT_NAME])
+    .args(["--header", "Subject: over TLS", "--body", body]);
+    run(cmd, b"", "swaks")
+}
+
+#[test]
+fn swaks_delivers_through_terminated_tls() {
+    let pki = Pki::new();
+    let up = Upstream::start();
+    let g = Guard::start(up.addr, Some(&pki.policy("")));
+    let (ok, out) = swaks(g.addr, &pki.ca(), "swaks-tls-marker");
+    assert!(ok, "swaks failed: {out}");
+    assert!(out.contains("220 2.0.0 Ready to start TLS"), "{out}");
+    let msgs = up.wait_messages(1);
+    assert_eq!(msgs.len(), 1);
+    assert!(
+        contains(&msgs[0].body, b"swaks-tls-marker"),
+        "{}",
+        show(&msgs[0].body)
+    );
+    assert!(contains(&msgs[0].body, b"Subject: over TLS"));
+    // The upstream spoke plain text and never saw the client's STARTTLS.
+    assert!(!up.saw_command_containing(b"STARTTLS"));
+    assert!(up.conns().iter().all(|c| !c.starttls));
+}
+
+#[test]
+fn smtplib_starttls_delivers_the_message_intact() {
+    let pki = Pki::new();
+    let up = Upstream::start();
+    let g = Guard::start(up.addr, Some(&pki.policy("")));
+    let spec = json!({ "starttls": pki.ca(), "text": "Hello over TLS\n" });
+    let sent = smtplib_client::send(HEAD, g.addr, FROM, TO, &spec, "smtplib starttls");
+    assert_eq!(sent.status, "ok", "{sent:?}");
+    let msgs = up.wait_messages(1);
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(
+        msgs[0].body,
+        dot_stuff(&sent.data),
+        "{}",
+        show(&msgs[0].body)
+    );
+    assert!(contains(&msgs[0].mail_from, format!("<{FROM}>").as_bytes()));
+}
+
+/// Builds the message for smtplib (see tests/smtplib_client).
+const HEAD: &str = r#"
+import json, smtplib, sys
+from email import policy
+from email.message import EmailMessage
+
+port, sender, rcpts, spec, dump = sys.argv[1:6]
+spec = json.loads(spec)
+msg = EmailMessage()
+msg["From"] = sender
+msg["To"] = rcpts
+msg["Subject"] = "starttls"
+msg.set_content(spec["text"])
+data = msg.as_bytes(policy=policy.SMTP)
+with open(dump, "wb") as f:
+    f.write(data)
+"#;
+
+#[test]
+fn a_client_verifying_against_another_ca_delivers_nothing() {
+    let pki = Pki::new();
+    let up = Upstream::start();
+    let g = Guard::start(up.addr, Some(&pki.policy("")));
+    let spec = json!({ "starttls": pki.other_ca(), "text": "must not arrive\n" });
+    let sent = smtplib_client::send(HEAD, g.addr, FROM, TO, &spec, "smtplib wrong CA");
+    assert_eq!(sent.status, "disconnected", "{sent:?}");
+    assert!(sent.msg.contains("CERTIFICATE_VERIFY_FAILED"), "{sent:?}");
+    let (ok, out) = swaks(g.addr, &pki.other_ca(), "must not arrive either");
+    assert!(!ok, "swaks verified a certificate of another CA: {out}");
+    // The guard is still serving: a good client gets through afterwards.
+    let spec = json!({ "starttls": pki.ca(), "text": "this one arrives\n" });
+    let good = smtplib_client::send(HEAD, g.addr, FROM, TO, &spec, "smtplib after");
+    assert_eq!(good.status, "ok", "{good:?}");
+    let msgs = up.wait_messages(1);
+    assert_eq!(msgs.len(), 1, "only the verified client's message");
+    assert!(contains(&msgs[0].body, b"this one arrives"));
+    assert!(!up.saw_command_containing(b"must not"));
+}
+
+#[test]
+fn openssl_s_client_delivers_a_message() {
+    let pki = Pki::new();
+    let up = Upstream::start();
+    let g = Guard::start(up.addr, Some(&pki.policy("")));
+    let mut cmd = Command::new("openssl");
+    cmd.args([
+        "s_client",
+        "-starttls",
+        "smtp",
+        "-quiet",
+        "-crlf",
+        "-verify_return_error",
+    ])
+    .args(["-CAfile", &pki.ca(), "-connect", &g.addr.to_string()]);
+    let script = format!(
+        "EHLO {CLIENT_NAME}\nMAIL FROM:<{FROM}>\nRCPT TO:<{TO}>\nDATA\n\
+         Subject: s_client\n\nopenssl-tls-marker\n.\nQUIT\n"
+    );
+    let (_, out) = run(cmd, script.as_bytes(), "openssl s_client");
+    assert!(out.contains("221"), "no 221 to QUIT: {out}");
+    let msgs = up.wait_messages(1);
+    assert_eq!(msgs.len(), 1, "{out}");
+    assert_eq!(
+        msgs[0].body,
+        b"Subject: s_client\r\n\r\nopenssl-tls-marker\r\n".to_vec()
+    );
+}
+
+#[test]
+fn commands_pipelined_with_starttls_are_discarded() {
+    let pki = Pki::new();
+    let up = Upstream::start();
+    let g = Guard::start(up.addr, Some(&pki.policy("")));
+    let mut c = g.client();
+    c.ehlo();
+    c.send(b"STARTTLS\r\nMAIL FROM:<injected@evil.test>\r\nRCPT TO:<victim@example.test>\r\n");
+    c.read_reply().expect_raw(READY);
+    let mut t = TlsClient::handshake(&c, &pki.path("ca.pem"));
+    // The first reply inside TLS answers this EHLO: nothing was owed for the injected lines.
+    let ehlo = t.cmd(&format!("EHLO {CLIENT_NAME}"));
+    assert!(ehlo.starts_with("250-"), "{ehlo}");
+    assert_eq!(
+        count_lines(&ehlo, "STARTTLS"),
+        0,
+        "offered again inside TLS: {ehlo}"
+    );
+    assert!(t.cmd(&format!("MAIL FROM:<{FROM}>")).starts_with("250"));
+    assert!(t.cmd(&format!("RCPT TO:<{TO}>")).starts_with("250"));
+    assert!(t.cmd("DATA").starts_with("354"));
+    assert!(t.cmd("Subject: after\r\n\r\nclean\r\n.").starts_with("250"));
+    assert!(t.cmd("QUIT").starts_with("221"));
+    let msgs = up.wait_messages(1);
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(
+        msgs[0].mail_from,
+        format!("MAIL FROM:<{FROM}>").into_bytes()
+    );
+    assert!(!up.saw_command_containing(b"injected"));
+    assert!(!up.saw_command_containing(b"victim"));
+}
+
+#[test]
+fn ehlo_offers_starttls_once_and_the_client_must_ehlo_again() {
+    let pki = Pki::new();
+    let up = Upstream::start();
+    let g = Guard::start(up.addr, Some(&pki.policy("")));
+    let mut c = g.client();
+    let ehlo = String::from_utf8_lossy(&c.ehlo().raw).into_owned();
+    assert_eq!(count_lines(&ehlo, "STARTTLS"), 1, "{ehlo}");
+    c.cmd("STARTTLS now").expect(501, "5.5.4");
+    c.cmd("STARTTLS").expect_raw(READY);
+    let mut t = TlsClient::handshake(&c, &pki.path("ca.pem"));
+    let mail = t.cmd(&format!("MAIL FROM:<{FROM}>"));
+    assert!(
+        mail.starts_with("503 5.5.1"),
+        "MAIL before the new EHLO: {mail}"
+    );
+    t.cmd(&format!("EHLO {CLIENT_NAME}"));
+    let again = t.cmd("STARTTLS");
+    assert!(
+        again.starts_with("503 5.5.1"),
+        "STARTTLS inside TLS: {again}"
+    );
+    assert!(t.cmd(&format!("MAIL FROM:<{FROM}>")).starts_with("250"));
+    assert!(t.cmd("QUIT").starts_with("221"));
+}
+
+#[test]
+fn bare_lf_smuggling_is_refused_inside_tls_as_in_plain_text() {
+    let pki = Pki::new();
+    let up = Upstream::start();
+    let g = Guard::start(up.addr, Some(&pki.policy("bare_lf = \"reject\"")));
+    let mut t = tls_session(&g, &pki);
+    t.cmd(&format!("EHLO {CLIENT_NAME}"));
+    assert!(t.cmd(&format!("MAIL FROM:<{FROM}>")).starts_with("250"));
+    assert!(t.cmd(&format!("RCPT TO:<{TO}>")).starts_with("250"));
+    assert!(t.cmd("DATA").starts_with("354"));
+    t.send(b"Subject: smuggle\r\n\r\nhello\n.\nMAIL FROM:<smuggled@evil.test>\r\n.\r\n");
+    let reply = t.reply();
+    assert!(reply.starts_with("550 5.6.11"), "{reply}");
+    assert!(up.messages().is_empty());
+    assert!(!up.saw_command_containing(b"smuggled"));
+}
+
+#[test]
+fn a_handshake_that_never_finishes_is_closed_at_the_command_timeout() {
+    let pki = Pki::new();
+    let up = Upstream::start();
+    let g = Guard::start(up.addr, Some(&pki.policy("command_timeout = 1")));
+    let mut c = g.client();
+    c.ehlo();
+    c.cmd("STARTTLS").expect_raw(READY);
+    // Half a ClientHello record header, then silence.
+    c.send(&[0x16, 0x03, 0x01]);
+    c.expect_closed();
+    // A client sending garbage instead of a ClientHello is closed too, without a reply.
+    let mut c = g.client();
+    c.ehlo();
+    c.cmd("STARTTLS").expect_raw(READY);
+    c.send(b"MAIL FROM:<plain@evil.test>\r\n");
+    // rustls answers with a fatal alert record, never with an SMTP reply.
+    let rest = c.wait_closed().expect("closed after a broken handshake");
+    assert!(rest.is_empty() || rest[0] == 0x15, "{}", show(&rest));
+    assert!(!up.saw_command_containing(b"plain@evil"));
+}
+
+#[test]
+fn terminate_without_a_certificate_is_refused_with_file_line_column() {
+    let dir = TempDir::new();
+    let p = dir.write(
+        "policy.toml",
+        b"mode = \"modern\"\nstarttls = \"terminate\"\n",
+    );
+    let (status, err) = run_to_exit(&["check", "--policy", &p.display().to_string()]);
+    assert_one_line_failure(status, &err);
+    assert!(err.contains("policy.toml:2:12:"), "{err}");
+    assert!(err.contains("tls_cert and tls_key"), "{err}");
+
+    let pki = Pki::new();
+    let bad = dir.write("bad.pem", b"not a certificate\n");
+    let text = format!(
+        "starttls = \"terminate\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+        bad.display(),
+        pki.path("key.pem").display()
+    );
+    let p = dir.write("policy2.toml", text.as_bytes());
+    let (status, err) = run_to_exit(&["check", "--policy", &p.display().to_string()]);
+    assert_one_line_failure(status, &err);
+    assert!(err.contains("bad.pem"), "names the file: {err}");
+
+    let text = "upstream_tls = \"starttls\"\n";
+    let p = dir.write("policy3.toml", text.as_bytes());
+    let (status, err) = run_to_exit(&["check", "--policy", &p.display().to_string()]);
+    assert_one_line_failure(status, &err);
+    assert!(err.contains("policy3.toml:1:16:"), "{err}");
+    assert!(err.contains("upstream_tls_ca"), "{err}");
+}
+
+/// Sends SIGHUP to the guard this test started (by its PID) and waits for the outcome line.
+#[track_caller]
+fn reload(g: &Guard, expect: &str, n: usize) {
+    let status = Command::new("kill")
+        .args(["-HUP", &g.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    assert!(
+        wait_for(WAIT, || g.stderr().matches(expect).count() >= n),
+        "no {expect:?} after SIGHUP: {}",
+        g.stderr()
+    );
+}
+
+#[test]
+fn sighup_reloads_the_certificate_and_a_broken_one_keeps_the_old() {
+    let pki = Pki::new();
+    let up = Upstream::start();
+    let g = Guard::start(up.addr, Some(&pki.policy("")));
+    let cert = pki.path("cert.pem");
+    let good = std::fs::read(&cert).unwrap();
+
+    std::fs::write(&cert, b"-----BEGIN CERTIFICATE-----\nnot base64\n").unwrap();
+    reload(&g, "reload refused, the old policy stays", 1);
+    assert!(
+        g.stderr().contains("cert.pem"),
+        "names the file: {}",
+        g.stderr()
+    );
+    let mut t = tls_session(&g, &pki);
+    assert!(
+        t.cmd("QUIT").starts_with("221"),
+        "the old certificate still serves"
+    );
+
+    // A certificate from the other CA: clients trusting only the first one now fail.
+    pki.openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "other.pem",
+        "-CAkey",
+        "other.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-out",
+        "cert.pem",
+        "-extfile",
+        "server.ext",
+    ]);
+    assert_ne!(std::fs::read(&cert).unwrap(), good);
+    reload(&g, "generation 2 is live", 1);
+    let spec = json!({ "starttls": pki.other_ca(), "text": "after the reload\n" });
+    let sent = smtplib_client::send(HEAD, g.addr, FROM, TO, &spec, "smtplib new cert");
+    assert_eq!(sent.status, "ok", "{sent:?}");
+    let spec = json!({ "starttls": pki.ca(), "text": "old CA\n" });
+    let sent = smtplib_client::send(HEAD, g.addr, FROM, TO, &spec, "smtplib old CA");
+    assert_eq!(sent.status, "disconnected", "{sent:?}");
+    assert_eq!(up.wait_messages(1).len(), 1);
+}
