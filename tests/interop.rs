@@ -24,6 +24,7 @@ mod aiosmtpd_common;
 mod common;
 mod postfix_common;
 mod smtplib_client;
+mod tls_common;
 
 use aiosmtpd_common::{Aiosmtpd, AUTH_PASSWORD, AUTH_USER};
 use common::*;
@@ -38,6 +39,7 @@ use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
+use tls_common::Pki;
 
 const POLICY: &str = "mode = \"modern\"\n";
 const RCPT: &str = "rcpt@example.test";
@@ -477,19 +479,20 @@ fn swaks(g: &Guard, from: &str, args: &[&str]) -> String {
     text
 }
 
-/// The message swaks sent, from its transcript: the ` -> ` lines after the 354, up to the
-/// lone dot, dot-stuffing undone; and the reply after the dot must be 250.
+/// The message swaks sent, from its transcript: the ` -> ` (` ~> ` in TLS) lines after the 354,
+/// up to the lone dot, dot-stuffing undone; and the reply after the dot must be 250.
 #[track_caller]
 fn swaks_sent(transcript: &str) -> Vec<u8> {
     let lines: Vec<&str> = transcript.lines().collect();
     let start = lines
         .iter()
-        .position(|l| l.starts_with("<-  354"))
+        .position(|l| l.starts_with("<-  354") || l.starts_with("<~  354"))
         .unwrap_or_else(|| panic!("no 354 in the transcript: {transcript}"));
     let mut msg = Vec::new();
     let mut end = None;
     for (i, l) in lines.iter().enumerate().skip(start + 1) {
-        let Some(data) = l.strip_prefix(" -> ") else {
+        // ` ~> ` once swaks speaks TLS.
+        let Some(data) = l.strip_prefix(" -> ").or_else(|| l.strip_prefix(" ~> ")) else {
             continue;
         };
         if data == "." {
@@ -502,9 +505,12 @@ fn swaks_sent(transcript: &str) -> Vec<u8> {
     let end = end.unwrap_or_else(|| panic!("no end of data in the transcript: {transcript}"));
     let reply = lines[end + 1..]
         .iter()
-        .find(|l| l.starts_with("<-") || l.starts_with("<**"))
+        .find(|l| l.starts_with("<-") || l.starts_with("<~") || l.starts_with("<**"))
         .unwrap_or_else(|| panic!("no reply to the end of data: {transcript}"));
-    assert!(reply.starts_with("<-  250"), "{reply}\n{transcript}");
+    assert!(
+        reply.starts_with("<-  250") || reply.starts_with("<~  250"),
+        "{reply}\n{transcript}"
+    );
     msg
 }
 
@@ -602,7 +608,7 @@ fn swaks_to_aiosmtpd() {
 
 /// A second private Postfix that relays everything through the guard. It must not greet with
 /// the upstream Postfix's name, or its client would see a mail loop.
-fn relay_client(g: &Guard, sasl: bool) -> Postfix {
+fn relay_client(g: &Guard, sasl: bool) -> PostfixBuilder {
     let mut b = PostfixBuilder::new()
         .relayhost(g.addr)
         .set("myhostname", "relay-client.test.invalid");
@@ -616,7 +622,26 @@ fn relay_client(g: &Guard, sasl: bool) -> Postfix {
             .set("smtp_sasl_security_options", "noanonymous")
             .set("smtp_sasl_mechanism_filter", "plain");
     }
-    b.start()
+    b
+}
+
+/// Waits (bounded) until the relaying Postfix has handed `n` messages over and its queue is
+/// empty; checks that its client saw 250 for each (it logs the upstream's reply to each end of
+/// data). Returns everything the upstream received: both upstreams store a message before
+/// their 250.
+#[track_caller]
+fn wait_relayed(client: &Postfix, mta: &Mta, n: usize) -> Vec<Received> {
+    let sent = |log: &str| log.matches("status=sent (250").count();
+    let done = wait_for(RELAY_WAIT, || {
+        sent(&client.log()) >= n && client.queue().is_empty()
+    });
+    let log = client.log();
+    assert!(
+        done && sent(&log) == n,
+        "the relaying Postfix did not deliver {n} through the guard; its queue {:?}\n{log}",
+        client.queue()
+    );
+    mta.received()
 }
 
 /// Postfix's client: 8-bit MIME (`sendmail -B 8BITMIME`) and an SMTPUTF8 sender, pipelined
@@ -625,7 +650,7 @@ fn relay_client(g: &Guard, sasl: bool) -> Postfix {
 fn postfix_client_cell(mta: &Mta) {
     let g = guard(mta);
     let aio = matches!(mta, Mta::Aiosmtpd(_));
-    let client = relay_client(&g, aio);
+    let client = relay_client(&g, aio).start();
     if !aio {
         // Postfix's client pipelines whenever the server offers it; make sure it was offered.
         let ehlo = g.client().ehlo();
@@ -638,21 +663,7 @@ fn postfix_client_cell(mta: &Mta) {
         client.sendmail_with(&["-B", "8BITMIME"], from, &[RCPT], &msg);
         sent.push((from, msg));
     }
-    let mut got = Vec::new();
-    let arrived = wait_for(RELAY_WAIT, || {
-        got = mta.received();
-        got.len() >= sent.len() && client.queue().is_empty()
-    });
-    assert!(
-        arrived,
-        "the relaying Postfix did not deliver through the guard: {} arrived, its queue {:?}\n{}",
-        got.len(),
-        client.queue(),
-        client.log()
-    );
-    // Postfix's client logs the upstream's reply to each end of data.
-    let log = client.log();
-    assert_eq!(log.matches("status=sent (250").count(), sent.len(), "{log}");
+    let got = wait_relayed(&client, mta, sent.len());
     for (from, msg) in &sent {
         let r = assert_delivered(mta, &got, from, msg, 1);
         assert_eq!(last_base64_part(&r.message), last_base64_part(msg));
@@ -758,4 +769,84 @@ fn bdat_raw_client_to_postfix() {
 fn base64_decoder_round_trips_a_known_value() {
     assert_eq!(base64_decode(b"aGVsbG8gd29ybGQ="), b"hello world");
     assert_eq!(base64_decode(b"AAEC/w=="), [0, 1, 2, 255]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// STARTTLS
+// ---------------------------------------------------------------------------------------------
+
+/// STARTTLS terminated by the guard (`starttls = "terminate"`, the upstream leg in plain text):
+/// swaks `--tls` and smtplib `starttls()`, both verifying the guard's certificate, and Postfix's
+/// client with `smtp_tls_security_level = encrypt` (it refuses to send in clear); each sends
+/// 8-bit MIME with an attachment. With aiosmtpd, smtplib also authenticates inside TLS.
+fn starttls_cell(mta: &Mta) {
+    let pki = Pki::new();
+    let g = Guard::start(mta.addr(), Some(&format!("{POLICY}{}", pki.policy(""))));
+    let aio = matches!(mta, Mta::Aiosmtpd(_));
+    let dir = TempDir::new();
+    let ca = pki.ca();
+    let mut sent = Vec::new();
+
+    let from = "swaks-tls@x.test";
+    let file = dir.write("swaks.eml", &wire(&mime_message(from, "swaks-tls", 20_000)));
+    let data = format!("@{}", path_str(&file));
+    let t = swaks(
+        &g,
+        from,
+        &[
+            "--tls",
+            "--tls-verify",
+            "--tls-ca-path",
+            &ca,
+            "--data",
+            &data,
+        ],
+    );
+    assert!(t.contains("<~  354"), "the message went in clear: {t}");
+    sent.push((from, swaks_sent(&t), 0));
+
+    let from = "smtplib-tls@x.test";
+    let file = dir.write(
+        "smtplib.eml",
+        &wire(&mime_message(from, "smtplib-tls", 20_000)),
+    );
+    let mut spec = json!({"file": path_str(&file), "starttls": ca,
+                          "mail_options": ["BODY=8BITMIME"]});
+    if aio {
+        spec["auth"] = json!([AUTH_USER, AUTH_PASSWORD, "PLAIN"]);
+    }
+    let s = smtplib_client::send(SMTPLIB, g.addr, from, RCPT, &spec, from);
+    assert_eq!(s.status, "ok", "{from}: {s:?}");
+    sent.push((from, s.data, 0));
+
+    let client = relay_client(&g, false)
+        .set("smtp_tls_security_level", "encrypt")
+        .set("smtp_tls_loglevel", "1")
+        .start();
+    let from = "postfix-tls@x.test";
+    let msg = wire(&mime_message(from, "postfix-tls", 20_000));
+    client.sendmail_with(&["-B", "8BITMIME"], from, &[RCPT], &msg);
+    sent.push((from, msg, 1));
+
+    let got = wait_relayed(&client, mta, 1);
+    let log = client.log();
+    assert!(log.contains("TLS connection established to"), "{log}");
+    for (from, msg, extra) in &sent {
+        let r = assert_delivered(mta, &got, from, msg, *extra);
+        assert_eq!(last_base64_part(&r.message), last_base64_part(msg));
+        if aio && from.starts_with("smtplib") {
+            assert_eq!(r.auth.as_deref(), Some(AUTH_USER), "{from}: AUTH in TLS");
+        }
+    }
+    assert_eq!(got.len(), sent.len(), "no other message arrived");
+}
+
+#[test]
+fn starttls_to_postfix() {
+    starttls_cell(&Mta::postfix());
+}
+
+#[test]
+fn starttls_to_aiosmtpd() {
+    starttls_cell(&Mta::aiosmtpd());
 }
