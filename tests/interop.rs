@@ -6,7 +6,9 @@
 //! whose relayhost is the guard), a character-mode "telnet" client (one byte per write) and a
 //! raw BDAT client. Upstreams: a private Postfix (`tests/postfix_common`, read back from its
 //! hold queue) and aiosmtpd (`tests/aiosmtpd_common`). Each test is one client against one
-//! upstream; the upstream and the guard are started once per test, not per message.
+//! upstream (`starttls_to_*`: swaks, smtplib and Postfix's client over TLS terminated by the
+//! guard, `starttls = "terminate"`); the upstream and the guard are started once per test, not
+//! per message.
 //!
 //! What "arrived intact" means, precisely ([`assert_delivered`]):
 //! - the message as the client put it on the wire, with dot-stuffing undone (RFC 5321 4.5.2:
