@@ -146,6 +146,7 @@ impl Reloader {
 fn warn_restart_only(old: &Setup, new: &Setup) {
     let differs = [
         ("listen", old.listen != new.listen),
+        ("proxy_protocol", old.proxy_protocol != new.proxy_protocol),
         ("upstream", old.upstream != new.upstream),
         ("threads", old.threads != new.threads),
         ("metrics", old.metrics != new.metrics),

@@ -2,13 +2,17 @@
 //! factory that gives each accepted connection a [`Session`] holding the policy snapshot
 //! current at accept.
 //!
+//! Owns the policy generation, the per-host connection counts, the PROXY protocol header of a
+//! PROXY listener (read before anything else, so that limits, rates, logs and the upstream see
+//! the real client) and, per worker, the totals of what ended sessions decided (published once
+//! per second, never shared per event). Must not touch sockets (the ring's) or SMTP (the
+//! engine's).
+//!
 //! Sessions under `starttls = "terminate"` route the client's bytes through the sans-IO TLS
 //! layer ([`crate::tls`]) once the engine has answered STARTTLS: ciphertext from the ring goes
-//! in, plaintext to the engine, and its replies to the client come back encrypted.
-//!
-//! Owns the policy generation, the per-host connection counts and, per worker, the totals of
-//! what ended sessions decided (published once per second, never shared per event). Must not
-//! touch sockets (the ring's) or SMTP (the engine's).
+//! in, plaintext to the engine, and its replies to the client come back encrypted. Under
+//! `upstream_tls = "starttls"` the upstream's bytes do the same once its 220 to mailguard's
+//! own STARTTLS came.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -20,10 +24,11 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::config::Policy;
 use crate::proto::rate::{RateKey, Rates};
-use crate::proto::{Refusal, Session};
-use crate::relay::{Action, Proxy, ProxyFactory};
+use crate::proto::{Identity, Refusal, Session};
+use crate::proxy_header;
+use crate::relay::{Action, Chunk, Proxy, ProxyFactory, Side};
 use crate::tally::{self, End, EngineTotals, Event, SessionReport, Watch};
-use crate::tls::{self, ServerSide};
+use crate::tls::{self, Sides};
 
 /// The policy in force, replaced as a whole on reload. Readers look at the generation (one
 /// atomic load per accept) and take the lock only when it changed.
@@ -179,10 +184,68 @@ pub struct GuardSession {
     trace_decisions: bool,
     /// The server asked it to end (a drain).
     draining: bool,
-    /// What the client is shown when the guard terminates STARTTLS.
-    tls_config: Option<Arc<rustls::ServerConfig>>,
-    /// The client connection's TLS, from the engine's `220` to STARTTLS on.
-    tls: Option<ServerSide>,
+    /// The TLS of either side, once the engine switched it.
+    tls: Sides,
+    /// On a PROXY listener, until the header has been read: the engine session does not
+    /// exist yet (`inner` is a placeholder that is never started).
+    awaiting: Option<Box<AwaitHeader>>,
+}
+
+/// A PROXY listener's connection before its header: what admitting it will need.
+#[derive(Debug)]
+struct AwaitHeader {
+    gate: Gate,
+    /// Header bytes so far (bounded by the parser: at most [`proxy_header::V2_MAX`]).
+    buf: Vec<u8>,
+    deadline: Instant,
+}
+
+/// What admitting a client needs: the policy it gets, the worker's rate table and the host's
+/// connection counts, and the address the client connected to (the socket's own).
+#[derive(Debug, Clone)]
+struct Gate {
+    policy: Arc<Policy>,
+    rates: Arc<Mutex<Rates>>,
+    connections: Arc<Connections>,
+    local: SocketAddr,
+}
+
+impl Gate {
+    /// The engine session for a client at `peer` that connected to `local`: refused before
+    /// any banner when a limit says so.
+    fn admit(
+        &self,
+        peer: SocketAddr,
+        local: SocketAddr,
+        now: Instant,
+    ) -> (Session, Option<Permit>) {
+        let policy = Arc::clone(&self.policy);
+        let client = ClientKey::of(peer.ip()).packed();
+        let connection_rate = policy.rate_per_ip.connections;
+        if !self
+            .rates
+            .lock()
+            .admit(RateKey::Connections(client), connection_rate, now)
+        {
+            return (Session::refused(policy, now, Refusal::ConnectionRate), None);
+        }
+        match self.connections.admit(peer.ip(), &policy) {
+            Some(permit) => {
+                let identity = Identity {
+                    client: peer,
+                    local,
+                };
+                let inner = Session::new(policy, now)
+                    .with_rates(Arc::clone(&self.rates), client)
+                    .with_identity(identity);
+                (inner, Some(permit))
+            }
+            None => (
+                Session::refused(policy, now, Refusal::TooManyConnections),
+                None,
+            ),
+        }
+    }
 }
 
 impl GuardSession {
@@ -197,8 +260,8 @@ impl GuardSession {
             upstream_bytes: 0,
             end: None,
             draining: false,
-            tls_config: None,
-            tls: None,
+            tls: Sides::default(),
+            awaiting: None,
             trace_decisions: tracing::enabled!(
                 target: "mailguard::decision",
                 tracing::Level::DEBUG
@@ -223,8 +286,9 @@ impl GuardSession {
     }
 
     /// Runs one engine call whose input was `input` (`copy_input` when that is plaintext the
-    /// TLS layer decrypted, not the ring's buffer), then encrypts what it sends the client
-    /// once the client side is TLS, starting at the engine's `220` if this call sent it.
+    /// TLS layer decrypted, not the ring's buffer), then encrypts what it sends to each side
+    /// that is TLS, starting a side at the point this call switched it (the engine's `220` to
+    /// the client's STARTTLS, or the upstream's `220` to mailguard's).
     fn run(
         &mut self,
         event: Event,
@@ -235,25 +299,19 @@ impl GuardSession {
     ) {
         let from = out.len();
         self.step(event, out, call);
-        let seal_from = match self.inner.take_tls_switch() {
-            Some(at) => {
-                self.tls = self.tls_config.clone().and_then(ServerSide::new);
-                if self.tls.is_none() {
-                    self.fail_tls(out);
-                    return;
-                }
-                at
-            }
-            None => from,
-        };
-        if let Some(tls) = &mut self.tls {
-            tls.seal(out, seal_from, input, copy_input);
+        let client_switch = self.inner.take_tls_switch();
+        let upstream_switch = self.inner.take_upstream_tls_switch();
+        let sealed = self
+            .tls
+            .seal(out, from, input, copy_input, client_switch, upstream_switch);
+        if !sealed {
+            self.fail_tls(out);
         }
     }
 
     /// Ciphertext from a client that started TLS.
     fn on_client_tls(&mut self, data: &[u8], now: Instant, out: &mut Vec<Action>) {
-        let Some(tls) = &mut self.tls else {
+        let Some(tls) = &mut self.tls.client else {
             return;
         };
         let was_handshaking = tls.is_handshaking();
@@ -261,7 +319,7 @@ impl GuardSession {
         let mut wire = Vec::new();
         let ok = tls.receive(data, &mut plain, &mut wire);
         let established = was_handshaking && !tls.is_handshaking();
-        tls::push_wire(out, &mut wire);
+        tls::push_wire(out, Side::Client, &mut wire);
         if !ok {
             self.fail_tls(out);
             return;
@@ -276,6 +334,45 @@ impl GuardSession {
         }
     }
 
+    /// Ciphertext from an upstream mailguard started TLS with. A failed handshake (its
+    /// certificate did not verify, say) is the upstream lost: the client gets the engine's
+    /// `421`, and nothing is relayed in plain text.
+    fn on_upstream_tls(&mut self, data: &[u8], now: Instant, out: &mut Vec<Action>) {
+        let Some(tls) = &mut self.tls.upstream else {
+            return;
+        };
+        let was_handshaking = tls.is_handshaking();
+        let mut plain = Vec::new();
+        let mut wire = Vec::new();
+        let ok = tls.receive(data, &mut plain, &mut wire);
+        let established = was_handshaking && !tls.is_handshaking();
+        tls::push_wire(out, Side::Upstream, &mut wire);
+        if !ok {
+            let error = tls.error().unwrap_or("connection failed").to_string();
+            self.tls.upstream = None;
+            tracing::warn!(
+                target: "mailguard::session",
+                peer = %self.peer,
+                %error,
+                "upstream TLS failed"
+            );
+            self.run(Event::UpstreamClosed, out, &[], false, |s, out| {
+                s.on_upstream_closed(now, out)
+            });
+            return;
+        }
+        if established {
+            self.run(Event::Upstream, out, &[], false, |s, out| {
+                s.upstream_tls_established(now, out)
+            });
+        }
+        if !plain.is_empty() {
+            self.run(Event::Upstream, out, &plain, true, |s, out| {
+                s.on_upstream(&plain, now, out)
+            });
+        }
+    }
+
     /// A failed handshake or a fatal TLS error: the session ends without an SMTP reply, since
     /// there is no channel left to send one on.
     fn fail_tls(&mut self, out: &mut Vec<Action>) {
@@ -283,6 +380,54 @@ impl GuardSession {
             self.end = Some(End::ProtocolError);
             out.push(Action::Close);
         }
+    }
+
+    /// Reads PROXY header bytes; once the header is whole, admits the real client, starts the
+    /// engine and hands it what followed the header.
+    fn on_header_bytes(&mut self, data: &[u8], now: Instant, out: &mut Vec<Action>) {
+        let Some(wait) = self.awaiting.as_mut() else {
+            return;
+        };
+        let before = wait.buf.len();
+        wait.buf.extend_from_slice(data);
+        let (header, used) = match proxy_header::parse(&wait.buf) {
+            Ok(Some(parsed)) => parsed,
+            Ok(None) => return,
+            Err(e) => return self.refuse_header(&e.to_string(), out),
+        };
+        let Some(wait) = self.awaiting.take() else {
+            return;
+        };
+        let (peer, local) = header.addresses.unwrap_or((self.peer, wait.gate.local));
+        let (inner, permit) = wait.gate.admit(peer, local, now);
+        self.inner = inner;
+        self._permit = permit;
+        self.peer = peer;
+        self.run(Event::Start, out, &[], false, |s, out| s.start(now, out));
+        // The header ended inside this input: what follows it is the client's first bytes.
+        let skip = used.saturating_sub(before);
+        if skip < data.len() && self.end.is_none() {
+            let first = out.len();
+            let rest = &data[skip..];
+            self.run(Event::Client, out, rest, false, |s, out| {
+                s.on_client(rest, now, out)
+            });
+            shift_input(&mut out[first..], skip);
+        }
+    }
+
+    /// No valid header: closed without a word of SMTP, since whatever sent it is not a
+    /// balancer speaking the PROXY protocol.
+    fn refuse_header(&mut self, why: &str, out: &mut Vec<Action>) {
+        self.awaiting = None;
+        tracing::warn!(
+            target: "mailguard::session",
+            peer = %self.peer,
+            reason = why,
+            "PROXY protocol header refused, connection closed"
+        );
+        self.end = Some(End::ProxyHeader);
+        out.push(Action::Close);
     }
 
     /// Runs one engine call and notes how the session ended if this call ended it.
@@ -298,9 +443,17 @@ impl GuardSession {
         }
         let before = Watch::of(self.inner.counters());
         let snapshot = self.trace_decisions.then(|| *self.inner.counters());
+        let unsent = self.inner.counters().identity_unsent;
         call(&mut self.inner, out);
         if let Some(snapshot) = snapshot {
             tally::log_decisions(self.peer, &snapshot, self.inner.counters());
+        }
+        if self.inner.counters().identity_unsent > unsent {
+            tracing::warn!(
+                target: "mailguard::session",
+                client = %self.peer,
+                "upstream_identity = \"xclient\" but the upstream did not accept XCLIENT; relaying without it"
+            );
         }
         if self.inner.is_closed() {
             let after = Watch::of(self.inner.counters());
@@ -311,13 +464,18 @@ impl GuardSession {
 
 impl Proxy for GuardSession {
     fn start(&mut self, now: Instant, out: &mut Vec<Action>) {
+        if self.awaiting.is_some() {
+            return;
+        }
         self.run(Event::Start, out, &[], false, |s, out| s.start(now, out));
     }
     fn on_client(&mut self, data: &[u8], now: Instant, out: &mut Vec<Action>) {
         self.client_bytes += data.len() as u64;
-        if self.tls.is_some() {
-            self.on_client_tls(data, now, out);
-            return;
+        if self.awaiting.is_some() {
+            return self.on_header_bytes(data, now, out);
+        }
+        if self.tls.client.is_some() {
+            return self.on_client_tls(data, now, out);
         }
         self.run(Event::Client, out, data, false, |s, out| {
             s.on_client(data, now, out)
@@ -325,6 +483,9 @@ impl Proxy for GuardSession {
     }
     fn on_upstream(&mut self, data: &[u8], now: Instant, out: &mut Vec<Action>) {
         self.upstream_bytes += data.len() as u64;
+        if self.tls.upstream.is_some() {
+            return self.on_upstream_tls(data, now, out);
+        }
         self.run(Event::Upstream, out, data, false, |s, out| {
             s.on_upstream(data, now, out)
         });
@@ -332,8 +493,8 @@ impl Proxy for GuardSession {
     fn on_upstream_connected(&mut self, now: Instant, out: &mut Vec<Action>) {
         let from = out.len();
         self.inner.on_upstream_connected(now, out);
-        if let Some(tls) = &mut self.tls {
-            tls.seal(out, from, &[], false);
+        if !self.tls.seal(out, from, &[], false, None, None) {
+            self.fail_tls(out);
         }
     }
     fn on_upstream_failed(&mut self, now: Instant, out: &mut Vec<Action>) {
@@ -342,6 +503,11 @@ impl Proxy for GuardSession {
         });
     }
     fn on_client_closed(&mut self, now: Instant, out: &mut Vec<Action>) {
+        if self.awaiting.take().is_some() {
+            // A balancer's plain TCP check: nothing worth a warning.
+            self.end = Some(End::ClientClosed);
+            return out.push(Action::Close);
+        }
         self.run(Event::ClientClosed, out, &[], false, |s, out| {
             s.on_client_closed(now, out)
         });
@@ -352,15 +518,29 @@ impl Proxy for GuardSession {
         });
     }
     fn deadline(&self) -> Option<Instant> {
-        self.inner.deadline()
+        match &self.awaiting {
+            Some(wait) => Some(wait.deadline),
+            None => self.inner.deadline(),
+        }
     }
     fn on_timeout(&mut self, now: Instant, out: &mut Vec<Action>) {
+        match &self.awaiting {
+            Some(wait) if now >= wait.deadline => {
+                return self.refuse_header("no PROXY header before greeting_timeout", out)
+            }
+            Some(_) => return,
+            None => {}
+        }
         self.run(Event::Timeout, out, &[], false, |s, out| {
             s.on_timeout(now, out)
         });
     }
     fn on_shutdown(&mut self, force: bool, now: Instant, out: &mut Vec<Action>) {
         self.draining = true;
+        if self.awaiting.take().is_some() {
+            self.end = Some(End::Shutdown);
+            return out.push(Action::Close);
+        }
         self.run(Event::Shutdown, out, &[], false, |s, out| {
             s.on_shutdown(force, now, out)
         });
@@ -378,6 +558,8 @@ pub struct SessionFactory {
     rates: Arc<Mutex<Rates>>,
     /// Where sessions are relayed to, for their log line.
     upstream: Option<SocketAddr>,
+    /// Every connection starts with a PROXY protocol header.
+    proxy_protocol: bool,
     /// What ended sessions decided, owned by this worker; copied to `published` each tick.
     totals: EngineTotals,
     published: Arc<Mutex<EngineTotals>>,
@@ -398,6 +580,7 @@ impl SessionFactory {
             policy,
             rates: Arc::new(Mutex::new(Rates::new(RATE_TABLE_KEYS))),
             upstream: None,
+            proxy_protocol: false,
             totals: EngineTotals::default(),
             published: Arc::new(Mutex::new(EngineTotals::default())),
         }
@@ -406,6 +589,12 @@ impl SessionFactory {
     /// Names the upstream in session log lines.
     pub fn with_upstream(mut self, upstream: SocketAddr) -> SessionFactory {
         self.upstream = Some(upstream);
+        self
+    }
+
+    /// Whether every connection starts with a PROXY protocol header.
+    pub fn with_proxy_protocol(mut self, proxy_protocol: bool) -> SessionFactory {
+        self.proxy_protocol = proxy_protocol;
         self
     }
 
@@ -429,7 +618,8 @@ impl SessionFactory {
     ) -> GuardSession {
         let mut session = GuardSession::new(inner, permit, peer, now);
         session.generation = self.generation;
-        session.tls_config = self.policy.tls.server.clone();
+        let t = &self.policy.tls;
+        session.tls = Sides::new(t.server.clone(), t.client.clone(), self.upstream);
         session
     }
 }
@@ -437,33 +627,32 @@ impl SessionFactory {
 impl ProxyFactory for SessionFactory {
     type Session = GuardSession;
 
-    fn new_session(&mut self, peer: SocketAddr, now: Instant) -> GuardSession {
+    fn new_session(&mut self, peer: SocketAddr, local: SocketAddr, now: Instant) -> GuardSession {
         let generation = self.live.generation();
         if generation != self.generation {
             self.policy = self.live.snapshot();
             self.generation = generation;
         }
-        let policy = Arc::clone(&self.policy);
-        let client = ClientKey::of(peer.ip()).packed();
-        let connection_rate = policy.rate_per_ip.connections;
-        if !self
-            .rates
-            .lock()
-            .admit(RateKey::Connections(client), connection_rate, now)
-        {
-            let refused = Session::refused(policy, now, Refusal::ConnectionRate);
-            return self.session(refused, None, peer, now);
+        let gate = Gate {
+            policy: Arc::clone(&self.policy),
+            rates: Arc::clone(&self.rates),
+            connections: Arc::clone(&self.connections),
+            local,
+        };
+        if self.proxy_protocol {
+            // Nothing is counted against the balancer's address: the header names the client.
+            let placeholder = Session::new(Arc::clone(&self.policy), now);
+            let mut session = self.session(placeholder, None, peer, now);
+            session.awaiting = Some(Box::new(AwaitHeader {
+                // The header stands where the client's first words would.
+                deadline: now + self.policy.greeting_timeout,
+                gate,
+                buf: Vec::new(),
+            }));
+            return session;
         }
-        match self.connections.admit(peer.ip(), &policy) {
-            Some(permit) => {
-                let inner = Session::new(policy, now).with_rates(Arc::clone(&self.rates), client);
-                self.session(inner, Some(permit), peer, now)
-            }
-            None => {
-                let refused = Session::refused(policy, now, Refusal::TooManyConnections);
-                self.session(refused, None, peer, now)
-            }
-        }
+        let (inner, permit) = gate.admit(peer, local, now);
+        self.session(inner, permit, peer, now)
     }
 
     fn session_ended(&mut self, session: &GuardSession, now: Instant) {
@@ -484,6 +673,15 @@ impl ProxyFactory for SessionFactory {
 
     fn publish(&mut self) {
         *self.published.lock() = self.totals;
+    }
+}
+
+/// Moves input ranges of `actions` by `by`: they were made for a suffix of the ring's input.
+fn shift_input(actions: &mut [Action], by: usize) {
+    for a in actions {
+        if let Action::Send(_, Chunk::Input(r)) = a {
+            *r = r.start + by..r.end + by;
+        }
     }
 }
 
@@ -523,5 +721,84 @@ mod tests {
         drop(permit);
         assert_eq!(c.open(), 0);
         assert!(c.admit(mapped, &policy("")).is_some());
+    }
+
+    const LOCAL: &str = "192.0.2.1:25";
+
+    fn proxy_factory(policy_text: &str) -> SessionFactory {
+        let live = LivePolicy::new(policy(policy_text));
+        SessionFactory::new(live, Arc::new(Connections::default())).with_proxy_protocol(true)
+    }
+
+    fn actions(f: impl FnOnce(&mut Vec<Action>)) -> Vec<Action> {
+        let mut out = Vec::new();
+        f(&mut out);
+        out
+    }
+
+    #[test]
+    fn proxy_listener_admits_the_real_client_after_the_header() {
+        let mut f = proxy_factory("max_connections_per_ip = 1");
+        let now = Instant::now();
+        let balancer: SocketAddr = "10.0.0.1:5000".parse().unwrap();
+        let header = b"PROXY TCP4 192.0.2.9 192.0.2.1 4000 25\r\n";
+        let mut sessions = Vec::new();
+        for _ in 0..2 {
+            let mut s = f.new_session(balancer, LOCAL.parse().unwrap(), now);
+            assert!(
+                actions(|o| s.start(now, o)).is_empty(),
+                "waits for the header"
+            );
+            assert!(actions(|o| s.on_client(&header[..10], now, o)).is_empty());
+            let out = actions(|o| s.on_client(&header[10..], now, o));
+            assert_eq!(s.peer(), "192.0.2.9:4000".parse().unwrap());
+            sessions.push((s, out));
+        }
+        assert_eq!(sessions[0].1, vec![Action::Connect]);
+        assert_eq!(
+            sessions[1].1,
+            vec![
+                Action::Send(
+                    crate::relay::Side::Client,
+                    Chunk::Static(b"421 4.7.0 Too many connections\r\n")
+                ),
+                Action::Close
+            ],
+            "the second from the same real client is over the limit"
+        );
+        assert_eq!(sessions[1].0.end(), Some(End::Refused));
+    }
+
+    #[test]
+    fn proxy_listener_closes_without_a_reply_on_a_bad_or_late_header() {
+        let mut f = proxy_factory("greeting_timeout = 5");
+        let now = Instant::now();
+        let peer: SocketAddr = "10.0.0.1:5000".parse().unwrap();
+        let mut s = f.new_session(peer, LOCAL.parse().unwrap(), now);
+        assert_eq!(
+            actions(|o| s.on_client(b"EHLO x\r\n", now, o)),
+            vec![Action::Close]
+        );
+        assert_eq!(s.end(), Some(End::ProxyHeader));
+        let mut s = f.new_session(peer, LOCAL.parse().unwrap(), now);
+        let late = now + std::time::Duration::from_secs(5);
+        assert_eq!(s.deadline(), Some(late));
+        assert_eq!(actions(|o| s.on_timeout(late, o)), vec![Action::Close]);
+        assert_eq!(s.end(), Some(End::ProxyHeader));
+        assert_eq!(s.peer(), peer, "no header, no other address");
+    }
+
+    #[test]
+    fn v2_local_keeps_the_socket_address() {
+        let mut f = proxy_factory("");
+        let now = Instant::now();
+        let peer: SocketAddr = "10.0.0.1:5000".parse().unwrap();
+        let mut s = f.new_session(peer, LOCAL.parse().unwrap(), now);
+        let local = b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00";
+        assert_eq!(
+            actions(|o| s.on_client(local, now, o)),
+            vec![Action::Connect]
+        );
+        assert_eq!(s.peer(), peer);
     }
 }

@@ -60,6 +60,10 @@ struct RunArgs {
     /// Address to accept SMTP clients on: host:port or [v6]:port.
     #[arg(long, value_name = "ADDR", value_parser = config::resolve)]
     listen: Option<SocketAddr>,
+    /// Expect a PROXY protocol header (v1 or v2, from haproxy or a load balancer) at the
+    /// start of every connection, and take the client's address from it.
+    #[arg(long)]
+    proxy_protocol: bool,
     /// The mail server to relay to: host:port or [v6]:port.
     #[arg(long, value_name = "ADDR", value_parser = config::resolve)]
     upstream: Option<SocketAddr>,
@@ -153,6 +157,7 @@ fn describe_setup(s: &Setup) -> String {
     };
     let lines = [
         format!("listen = {}", addr(s.listen, "unset (--listen required)")),
+        format!("proxy_protocol = {}", s.proxy_protocol.unwrap_or(false)),
         format!(
             "upstream = {}",
             addr(s.upstream, "unset (--upstream required)")
@@ -179,6 +184,7 @@ fn describe_setup(s: &Setup) -> String {
 /// The settings in force: flags over the config file over defaults.
 struct Effective {
     listen: SocketAddr,
+    proxy_protocol: bool,
     upstream: SocketAddr,
     threads: usize,
     metrics: Option<SocketAddr>,
@@ -209,6 +215,8 @@ fn effective(args: &RunArgs, setup: Option<&Setup>) -> Result<Effective, Failure
     );
     Ok(Effective {
         listen,
+        proxy_protocol: args.proxy_protocol
+            || setup.and_then(|s| s.proxy_protocol).unwrap_or(false),
         upstream,
         threads,
         metrics: args.metrics.or(setup.and_then(|s| s.metrics)),
@@ -270,9 +278,11 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     let (factory_live, factory_totals, upstream) =
         (Arc::clone(&live), totals.clone(), eff.upstream);
     let factory_connections = Arc::clone(&connections);
+    let proxy_protocol = eff.proxy_protocol;
     let server = io::serve(listener, ring_config(&eff), move |i| {
         SessionFactory::new(Arc::clone(&factory_live), Arc::clone(&factory_connections))
             .with_upstream(upstream)
+            .with_proxy_protocol(proxy_protocol)
             .with_totals(Arc::clone(&factory_totals[i]))
     })?;
     let sources = Sources {
@@ -288,6 +298,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     }
     tracing::info!(
         listen = %eff.listen,
+        proxy_protocol = eff.proxy_protocol,
         upstream = %eff.upstream,
         workers = eff.threads,
         metrics = %eff.metrics.map_or_else(|| "off".to_string(), |m| m.to_string()),

@@ -105,8 +105,8 @@ pub trait Proxy {
 pub trait ProxyFactory {
     /// The session type this factory makes.
     type Session: Proxy;
-    /// A client connected from `peer`.
-    fn new_session(&mut self, peer: SocketAddr, now: Instant) -> Self::Session;
+    /// A client connected from `peer` to `local` (the accepted socket's own address).
+    fn new_session(&mut self, peer: SocketAddr, local: SocketAddr, now: Instant) -> Self::Session;
     /// The ring is done with `session`: its sockets are closed and its slot is being freed.
     /// Called on the worker thread, once per session (sessions still open when a worker gives
     /// up on them at exit are not reported). For per-worker totals and the session's log line.

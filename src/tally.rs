@@ -36,13 +36,15 @@ pub enum End {
     ClosedByGuard,
     /// Refused before any banner (connection limits or rates).
     Refused,
+    /// A PROXY listener got no valid PROXY protocol header (closed without an SMTP reply).
+    ProxyHeader,
     /// The ring ended it without the session closing (a forced stop).
     Aborted,
 }
 
 impl End {
     /// Every variant, in label order.
-    pub const ALL: [End; 12] = [
+    pub const ALL: [End; 13] = [
         End::Completed,
         End::ClientClosed,
         End::Timeout,
@@ -54,6 +56,7 @@ impl End {
         End::ProtocolError,
         End::ClosedByGuard,
         End::Refused,
+        End::ProxyHeader,
         End::Aborted,
     ];
 
@@ -71,6 +74,7 @@ impl End {
             End::ProtocolError => "protocol_error",
             End::ClosedByGuard => "closed_by_guard",
             End::Refused => "refused",
+            End::ProxyHeader => "proxy_header",
             End::Aborted => "aborted",
         }
     }
@@ -140,7 +144,7 @@ fn plain_end(event: Event, before: Watch, after: Watch) -> End {
 }
 
 /// Policy decisions other than blocked verbs, by the `rule` label they carry.
-pub const RULES: [&str; 27] = [
+pub const RULES: [&str; 30] = [
     "banner_masked",
     "extension_removed",
     "recipients_over_limit",
@@ -160,6 +164,9 @@ pub const RULES: [&str; 27] = [
     "invalid_recipients_limit",
     "rate_limited",
     "early_talker",
+    "identity_unsent",
+    "tls_terminated",
+    "upstream_tls",
     "header_size",
     "header_line_length",
     "deny_header",
@@ -192,6 +199,9 @@ pub fn rule_counts(c: &Counters) -> [u32; RULES.len()] {
         c.invalid_recipients_limit,
         c.rate_limited,
         c.early_talkers,
+        c.identity_unsent,
+        c.tls_terminated,
+        c.upstream_tls,
         c.content[0],
         c.content[1],
         c.content[2],

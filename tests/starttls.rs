@@ -3,17 +3,21 @@
 //! s_client and a rustls client, and keeps inspecting the plaintext, which is what reaches the
 //! recording upstream.
 //!
+//! `upstream_tls = "starttls"` runs against a private Postfix offering STARTTLS, whose Received
+//! header must say the hop from mailguard was TLS.
+//!
 //! Certificates are made per test with `openssl req` in a TempDir: a test CA, a server
 //! certificate for 127.0.0.1 signed by it, and a second, unrelated CA.
 
 mod common;
+mod postfix_common;
 mod smtplib_client;
 mod tls_common;
 
 use common::*;
 use serde_json::json;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -21,6 +25,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 use tls_common::Pki;
 
+use postfix_common::{Postfix, PostfixBuilder};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
@@ -193,6 +198,12 @@ fn swaks_delivers_through_terminated_tls() {
     // The upstream spoke plain text and never saw the client's STARTTLS.
     assert!(!up.saw_command_containing(b"STARTTLS"));
     assert!(up.conns().iter().all(|c| !c.starttls));
+    // The session's log line counts the terminated TLS (and so does the metric).
+    assert!(
+        wait_for(WAIT, || g.stderr().contains("tls_terminated=1")),
+        "{}",
+        g.stderr()
+    );
 }
 
 #[test]
@@ -212,6 +223,18 @@ fn smtplib_starttls_delivers_the_message_intact() {
         show(&msgs[0].body)
     );
     assert!(contains(&msgs[0].mail_from, format!("<{FROM}>").as_bytes()));
+    // A large body (many TLS records, many ring reads) arrives byte-exact too, dots included.
+    let line = ".a line of a large message sent over TLS, with a leading dot 0123456789\n";
+    let spec = json!({ "starttls": pki.ca(), "text": line, "repeat": 8000 });
+    let big = smtplib_client::send(HEAD, g.addr, FROM, TO, &spec, "smtplib large");
+    assert_eq!(big.status, "ok", "{big:?}");
+    assert!(big.data.len() > 500_000);
+    let msgs = up.wait_messages(2);
+    assert_eq!(msgs.len(), 2);
+    assert!(
+        msgs[1].body == dot_stuff(&big.data),
+        "the large body differs"
+    );
 }
 
 /// Builds the message for smtplib (see tests/smtplib_client).
@@ -226,7 +249,7 @@ msg = EmailMessage()
 msg["From"] = sender
 msg["To"] = rcpts
 msg["Subject"] = "starttls"
-msg.set_content(spec["text"])
+msg.set_content(spec["text"] * spec.get("repeat", 1))
 data = msg.as_bytes(policy=policy.SMTP)
 with open(dump, "wb") as f:
     f.write(data)
@@ -404,6 +427,14 @@ fn terminate_without_a_certificate_is_refused_with_file_line_column() {
     assert_one_line_failure(status, &err);
     assert!(err.contains("bad.pem"), "names the file: {err}");
 
+    // Relative paths are taken beside the policy file.
+    std::fs::copy(pki.path("cert.pem"), dir.path.join("cert.pem")).unwrap();
+    std::fs::copy(pki.path("key.pem"), dir.path.join("key.pem")).unwrap();
+    let text = "starttls = \"terminate\"\ntls_cert = \"cert.pem\"\ntls_key = \"key.pem\"\n";
+    let p = dir.write("relative.toml", text.as_bytes());
+    let (status, err) = run_to_exit(&["check", "--policy", &p.display().to_string()]);
+    assert!(status.success(), "{err}");
+
     let text = "upstream_tls = \"starttls\"\n";
     let p = dir.write("policy3.toml", text.as_bytes());
     let (status, err) = run_to_exit(&["check", "--policy", &p.display().to_string()]);
@@ -468,6 +499,7 @@ fn sighup_reloads_the_certificate_and_a_broken_one_keeps_the_old() {
     ]);
     assert_ne!(std::fs::read(&cert).unwrap(), good);
     reload(&g, "generation 2 is live", 1);
+    assert!(g.stderr().contains("(new file contents)"), "{}", g.stderr());
     let spec = json!({ "starttls": pki.other_ca(), "text": "after the reload\n" });
     let sent = smtplib_client::send(HEAD, g.addr, FROM, TO, &spec, "smtplib new cert");
     assert_eq!(sent.status, "ok", "{sent:?}");
@@ -475,4 +507,158 @@ fn sighup_reloads_the_certificate_and_a_broken_one_keeps_the_old() {
     let sent = smtplib_client::send(HEAD, g.addr, FROM, TO, &spec, "smtplib old CA");
     assert_eq!(sent.status, "disconnected", "{sent:?}");
     assert_eq!(up.wait_messages(1).len(), 1);
+}
+
+/// A private Postfix offering STARTTLS with `pki`'s certificate (for 127.0.0.1) and saying in
+/// its Received header whether the hop was TLS; it also takes XCLIENT from loopback.
+fn tls_postfix(pki: &Pki) -> Postfix {
+    PostfixBuilder::new()
+        .tls(&pki.path("cert.pem"), &pki.path("key.pem"))
+        .set("smtpd_tls_received_header", "yes")
+        .xclient_hosts("127.0.0.0/8")
+        .start()
+}
+
+/// The Received line Postfix added to its only queued message, unfolded.
+#[track_caller]
+fn received_by(postfix: &Postfix) -> String {
+    let q = postfix.wait_queue(1, Duration::from_secs(20));
+    assert_eq!(q.len(), 1, "Postfix queued {q:?}; log: {}", postfix.log());
+    let message = String::from_utf8_lossy(&postfix.message(&q[0].id)).into_owned();
+    let head = message.split("\n\n").next().unwrap_or_default().to_string();
+    head.split("\nReceived:")
+        .next()
+        .unwrap_or_default()
+        .replace("\n\t", " ")
+        .replace("\n ", " ")
+}
+
+/// A plain-text session from `from` delivering one message.
+#[track_caller]
+fn deliver_plain(from: IpAddr, guard: SocketAddr, sender: &str) {
+    let mut c = Client::connect_from(from, guard);
+    c.read_reply().expect_code(220);
+    let ehlo = c.ehlo();
+    assert!(!ehlo.text().contains("XCLIENT"), "{ehlo}");
+    c.send_message(sender, "rcpt@example.com", b"Subject: up\r\n\r\nhello\r\n")
+        .expect_code(250);
+    c.cmd("QUIT").expect_code(221);
+    c.expect_closed();
+}
+
+#[test]
+fn upstream_starttls_to_postfix_verified_and_both_hops_encrypted() {
+    let pki = Pki::new();
+    let postfix = tls_postfix(&pki);
+    let policy = pki.policy(&format!(
+        "upstream_tls = \"starttls\"\nupstream_tls_ca = \"{}\"",
+        pki.ca()
+    ));
+    let g = Guard::start(postfix.addr(), Some(&policy));
+    let line = "TLS on both hops, a line repeated to make many records\n";
+    let spec = json!({ "starttls": pki.ca(), "text": line, "repeat": 4000 });
+    let sent = smtplib_client::send(HEAD, g.addr, FROM, TO, &spec, "smtplib both hops");
+    assert_eq!(
+        sent.status,
+        "ok",
+        "{sent:?}; guard: {}\npostfix: {}",
+        g.stderr(),
+        postfix.log()
+    );
+    let received = received_by(&postfix);
+    assert!(
+        received.contains("using TLS"),
+        "the hop from mailguard was not TLS: {received}\nlog: {}",
+        postfix.log()
+    );
+    assert!(
+        wait_for(WAIT, || g
+            .stderr()
+            .contains("tls_terminated=1 upstream_tls=1")),
+        "{}",
+        g.stderr()
+    );
+    let id = &postfix.queue()[0].id;
+    assert_eq!(postfix.body(id).matches("TLS on both hops").count(), 4000);
+}
+
+#[test]
+fn upstream_starttls_with_xclient_names_the_client_inside_tls_also_after_a_reconnect() {
+    let pki = Pki::new();
+    let postfix = tls_postfix(&pki);
+    let policy = format!(
+        "upstream_tls = \"starttls\"\nupstream_tls_ca = \"{}\"\nupstream_identity = \"xclient\"\n",
+        pki.ca()
+    );
+    let policy = format!("{policy}bare_lf = \"reject\"\n");
+    let g = Guard::start(postfix.addr(), Some(&policy));
+    let mut c = Client::connect_from("127.0.0.2".parse().unwrap(), g.addr);
+    c.read_reply().expect_code(220);
+    assert!(!c.ehlo().text().contains("XCLIENT"));
+    // A bare LF aborts that upstream connection; the new one does STARTTLS and XCLIENT again
+    // before the client's EHLO is replayed, and the next message goes through it.
+    c.send_message("bad@example.org", "rcpt@example.com", b"a\nb\r\n")
+        .expect(550, "5.6.11");
+    c.send_message(
+        "xclient-tls@example.org",
+        "rcpt@example.com",
+        b"Subject: after the reconnect\r\n\r\nok\r\n",
+    )
+    .expect_code(250);
+    c.cmd("QUIT").expect_code(221);
+    c.expect_closed();
+    let received = received_by(&postfix);
+    assert!(received.contains("[127.0.0.2]"), "{received}");
+    assert!(received.contains("using TLS"), "{received}");
+    let log = postfix.log();
+    assert_eq!(
+        log.matches(" starttls=1 ").count(),
+        2,
+        "two TLS connections: {log}"
+    );
+}
+
+#[test]
+fn upstream_certificate_of_another_ca_is_refused_unless_verify_is_off() {
+    let pki = Pki::new();
+    let postfix = tls_postfix(&pki);
+    let policy = format!(
+        "upstream_tls = \"starttls\"\nupstream_tls_ca = \"{}\"\n",
+        pki.other_ca()
+    );
+    let g = Guard::start(postfix.addr(), Some(&policy));
+    let mut c = Client::connect(g.addr);
+    // The banner waits for the preamble; the failed verification answers instead of it.
+    c.read_reply().expect(421, "4.3.0");
+    c.expect_closed();
+    assert!(postfix.queue().is_empty());
+    drop(g);
+
+    let policy = "upstream_tls = \"starttls\"\nupstream_tls_verify = false\n";
+    let g = Guard::start(postfix.addr(), Some(policy));
+    deliver_plain("127.0.0.1".parse().unwrap(), g.addr, "noverify@example.org");
+    assert!(received_by(&postfix).contains("using TLS"));
+}
+
+#[test]
+fn upstream_starttls_failing_sends_nothing_in_plain_text() {
+    // The recording upstream answers STARTTLS with 220, then plain text instead of TLS: the
+    // handshake fails and the client is told the service is unavailable.
+    let up = Upstream::with(UpstreamOptions {
+        tls_reply: b"250 this is not TLS\r\n".to_vec(),
+        ..UpstreamOptions::default()
+    });
+    let policy = "upstream_tls = \"starttls\"\nupstream_tls_verify = false\n";
+    let g = Guard::start(up.addr, Some(policy));
+    let mut c = Client::connect(g.addr);
+    c.read_reply().expect(421, "4.3.0");
+    c.expect_closed();
+    let conns = up.wait_conns(1);
+    assert!(conns[0].starttls, "mailguard asked for STARTTLS");
+    assert!(
+        conns[0].after_starttls.first() == Some(&0x16),
+        "a TLS handshake record followed: {}",
+        show(&conns[0].after_starttls)
+    );
+    assert!(!up.saw_command_containing(b"MAIL"));
 }

@@ -134,12 +134,13 @@ pub fn settings(p: &Policy) -> Vec<Setting> {
                 .as_ref()
                 .map(|c| quote(&c.display().to_string())),
         },
+        set("upstream_identity", quote(p.upstream_identity.name())),
     ]
 }
 
 /// The keys whose values differ, in reference order.
 pub fn changes(old: &Policy, new: &Policy) -> Vec<Change> {
-    settings(old)
+    let mut changes: Vec<Change> = settings(old)
         .into_iter()
         .zip(settings(new))
         .filter(|(a, b)| a.value != b.value)
@@ -148,7 +149,19 @@ pub fn changes(old: &Policy, new: &Policy) -> Vec<Change> {
             old: shown(&a.value),
             new: shown(&b.value),
         })
-        .collect()
+        .collect();
+    let tls_key_changed = changes
+        .iter()
+        .any(|c| c.key.starts_with("tls_") || c.key.starts_with("upstream_tls"));
+    if old.tls != new.tls && !tls_key_changed {
+        // Same paths, new bytes: a renewed certificate is worth a line in the reload log.
+        changes.push(Change {
+            key: "tls_cert/tls_key/upstream_tls_ca",
+            old: "(previous file contents)".to_string(),
+            new: "(new file contents)".to_string(),
+        });
+    }
+    changes
 }
 
 /// Changes as one log-friendly phrase: `max_recipients 1000 -> 50; mask_banner false -> true`.
@@ -281,6 +294,7 @@ rate_per_ip = { connections = 60, messages = 30 }
 rate_per_sender = 20
 pregreet_wait_ms = 1500
 reject_unauth_pipelining = true
+upstream_identity = "xclient"
 "#;
 
     #[test]

@@ -16,6 +16,7 @@ pub use policy::AUTH_LINE_LENGTH;
 
 pub use policy::{
     BareLf, BlockedReply, Mode, Policy, PolicyError, RatePerIp, RuleAction, Ruled, StartTls,
+    UpstreamIdentity,
 };
 pub use setup::{
     resolve, LogFormat, LogLevel, PolicySource, RingTuning, Setup, SetupError, MAX_DRAIN_SECS,

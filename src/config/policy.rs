@@ -117,6 +117,35 @@ pub enum StartTls {
     Terminate,
 }
 
+/// How the upstream learns who the real client is (`upstream_identity`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum UpstreamIdentity {
+    /// It does not: the upstream sees mailguard's address.
+    #[serde(rename = "none")]
+    None,
+    /// A PROXY protocol v1 header opens every upstream connection.
+    #[serde(rename = "proxy-v1")]
+    ProxyV1,
+    /// A PROXY protocol v2 header opens every upstream connection.
+    #[serde(rename = "proxy-v2")]
+    ProxyV2,
+    /// Postfix's XCLIENT command, hidden from the client, when the upstream offers it.
+    #[serde(rename = "xclient")]
+    Xclient,
+}
+
+impl UpstreamIdentity {
+    /// The value as a policy file writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            UpstreamIdentity::None => "none",
+            UpstreamIdentity::ProxyV1 => "proxy-v1",
+            UpstreamIdentity::ProxyV2 => "proxy-v2",
+            UpstreamIdentity::Xclient => "xclient",
+        }
+    }
+}
+
 /// What a content or envelope rule does when it matches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -234,6 +263,7 @@ pub struct Policy {
     /// How long the banner is held back to catch clients that talk first; zero is off.
     pub pregreet_wait: Duration,
     pub reject_unauth_pipelining: bool,
+    pub upstream_identity: UpstreamIdentity,
     /// The header, MIME and body rules compiled once for every message under this policy.
     pub content: ContentCheck,
     /// The certificate for `starttls = "terminate"` and the upstream TLS settings.
@@ -375,6 +405,7 @@ impl Policy {
             allow,
             blocked_reply: file.blocked_reply.unwrap_or(BlockedReply::Reject),
             mask_banner: file.mask_banner.unwrap_or(false),
+            upstream_identity: file.upstream_identity.unwrap_or(UpstreamIdentity::None),
             extensions,
             max_recipients: file.max_recipients.unwrap_or(1000),
             max_message_size: file.max_message_size.unwrap_or(0),
@@ -562,6 +593,19 @@ struct File {
     upstream_tls: Option<Spanned<UpstreamTls>>,
     upstream_tls_verify: Option<bool>,
     upstream_tls_ca: Option<String>,
+    upstream_identity: Option<UpstreamIdentity>,
+}
+
+/// A relative path in a policy read from a file is taken relative to that file's directory
+/// (as the config file's `policy` path is), so a policy and its certificates move together.
+fn beside(origin: &str, path: &str) -> String {
+    let origin = Path::new(origin);
+    match origin.parent() {
+        Some(dir) if Path::new(path).is_relative() && origin.is_file() => {
+            dir.join(path).display().to_string()
+        }
+        _ => path.to_string(),
+    }
 }
 
 /// Validates the TLS keys and loads the files they name.
@@ -572,13 +616,14 @@ fn tls_policy(
     origin: &str,
     starttls_at: usize,
 ) -> Result<TlsPolicy, PolicyError> {
+    let near = |p: &Option<String>| p.as_deref().map(|p| beside(origin, p));
     let keys = TlsKeys {
         terminate: starttls == StartTls::Terminate,
-        cert: file.tls_cert.clone(),
-        key: file.tls_key.clone(),
+        cert: near(&file.tls_cert),
+        key: near(&file.tls_key),
         upstream: file.upstream_tls.as_ref().map(|u| *u.get_ref()),
         upstream_verify: file.upstream_tls_verify,
-        upstream_ca: file.upstream_tls_ca.clone(),
+        upstream_ca: near(&file.upstream_tls_ca),
     };
     keys.check().map_err(|missing| {
         let at = match missing {
@@ -587,19 +632,6 @@ fn tls_policy(
         };
         invalid(text, origin, at, missing.message())
     })?;
-    if let Some(u) = file
-        .upstream_tls
-        .as_ref()
-        .filter(|u| *u.get_ref() == UpstreamTls::Starttls)
-    {
-        // Refused rather than silently sent in plain text.
-        return Err(invalid(
-            text,
-            origin,
-            u.span().start,
-            "upstream_tls = \"starttls\" is not implemented in this build yet",
-        ));
-    }
     keys.load().map_err(|source| PolicyError::Tls {
         path: origin.to_string(),
         source,

@@ -126,6 +126,8 @@ pub const MAX_DRAIN_SECS: u64 = 86_400;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Setup {
     pub listen: Option<SocketAddr>,
+    /// The listener reads a PROXY protocol header (v1 or v2) before each client's bytes.
+    pub proxy_protocol: Option<bool>,
     pub upstream: Option<SocketAddr>,
     pub threads: Option<u16>,
     pub metrics: Option<SocketAddr>,
@@ -234,6 +236,7 @@ impl Setup {
         };
         Ok(Setup {
             listen: file.listen,
+            proxy_protocol: file.proxy_protocol,
             upstream: file.upstream,
             threads: file.threads,
             metrics: file.metrics,
@@ -252,6 +255,7 @@ impl Setup {
 struct File {
     #[serde(default, deserialize_with = "address")]
     listen: Option<SocketAddr>,
+    proxy_protocol: Option<bool>,
     #[serde(default, deserialize_with = "address")]
     upstream: Option<SocketAddr>,
     #[serde(default, deserialize_with = "threads")]
@@ -344,6 +348,7 @@ mod tests {
         let s = parse(
             r#"
 listen = "127.0.0.1:2525"
+proxy_protocol = true
 upstream = "[::1]:25"
 threads = 3
 metrics = "127.0.0.1:9425"
@@ -357,6 +362,7 @@ max_recipients = 9
         )
         .expect("valid");
         assert_eq!(s.listen, Some("127.0.0.1:2525".parse().unwrap()));
+        assert_eq!(s.proxy_protocol, Some(true));
         assert_eq!(s.upstream, Some("[::1]:25".parse().unwrap()));
         assert_eq!(s.threads, Some(3));
         assert_eq!(s.metrics, Some("127.0.0.1:9425".parse().unwrap()));

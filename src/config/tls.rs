@@ -7,7 +7,7 @@ use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustls::ServerConfig;
+use rustls::{ClientConfig, ServerConfig};
 use serde::Deserialize;
 
 use crate::tls::{self, TlsError};
@@ -43,6 +43,8 @@ pub struct TlsPolicy {
     pub upstream_ca: Option<PathBuf>,
     /// What a terminating session presents; set when `tls_cert` and `tls_key` are.
     pub server: Option<Arc<ServerConfig>>,
+    /// What mailguard's own STARTTLS to the upstream uses; set when `upstream_tls = "starttls"`.
+    pub client: Option<Arc<ClientConfig>>,
     /// A digest of the contents of every file named.
     contents: u64,
 }
@@ -67,6 +69,7 @@ impl Default for TlsPolicy {
             upstream_verify: true,
             upstream_ca: None,
             server: None,
+            client: None,
             contents: 0,
         }
     }
@@ -136,20 +139,24 @@ impl TlsKeys {
         };
         let upstream_ca = self.upstream_ca.map(PathBuf::from);
         let upstream = self.upstream.unwrap_or(UpstreamTls::None);
-        if let Some(ca) = upstream_ca
-            .as_ref()
-            .filter(|_| upstream == UpstreamTls::Starttls)
-        {
-            let pem = hash_file(ca, &mut digest)?;
-            tls::certificates(ca, &pem)?;
-        }
+        let verify = self.upstream_verify.unwrap_or(true);
+        let client = if upstream == UpstreamTls::Starttls {
+            if let Some(ca) = &upstream_ca {
+                hash_file(ca, &mut digest)?;
+            }
+            let ca = upstream_ca.as_deref().filter(|_| verify);
+            Some(tls::load_client_config(ca)?)
+        } else {
+            None
+        };
         Ok(TlsPolicy {
             cert,
             key,
             upstream,
-            upstream_verify: self.upstream_verify.unwrap_or(true),
+            upstream_verify: verify,
             upstream_ca,
             server,
+            client,
             contents: digest.finish(),
         })
     }

@@ -105,7 +105,7 @@ struct PassFactory {
 impl ProxyFactory for PassFactory {
     type Session = Pass;
 
-    fn new_session(&mut self, peer: SocketAddr, now: Instant) -> Pass {
+    fn new_session(&mut self, peer: SocketAddr, _local: SocketAddr, now: Instant) -> Pass {
         assert!(peer.ip().is_loopback());
         Pass {
             failed: Arc::clone(&self.failed),

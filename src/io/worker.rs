@@ -388,7 +388,13 @@ impl<F: ProxyFactory> Worker<F> {
             slot: key as u32,
             gen: self.gens[key],
         };
-        let session = self.factory.new_session(peer, self.cx.now);
+        // A wildcard listener's socket knows which of the host's addresses the client chose.
+        let local = socket
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .unwrap_or(peer);
+        let session = self.factory.new_session(peer, local, self.cx.now);
         let conn = entry.insert(Conn::new(session, socket));
         self.cx.stats.sessions_open += 1;
         self.cx.stats.sessions_total += 1;

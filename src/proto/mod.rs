@@ -6,11 +6,13 @@
 mod command;
 pub mod content;
 pub mod data;
+pub mod preamble;
 pub mod rate;
 pub mod reply;
 pub mod rules;
 mod session;
 mod verb;
 
+pub use preamble::Identity;
 pub use session::{Counters, Refusal, Session};
 pub use verb::Verb;

@@ -24,12 +24,13 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::config::{BareLf, BlockedReply, Policy, RuleAction};
+use crate::config::{BareLf, BlockedReply, Policy, RuleAction, UpstreamIdentity, UpstreamTls};
 use crate::relay::{Action, Chunk, Proxy, Side};
 
 use super::command::{self, AddressFault};
 use super::content::{ContentScanner, Finding, Framing, Rule};
 use super::data::{Bare, DataScanner, Piece};
+use super::preamble::{Greeted, Identity, Next, Preamble};
 use super::rate::{self, RateKey, Rates};
 use super::reply::{self, Reply, ReplyBytes, ReplyParser};
 use super::rules;
@@ -140,6 +141,13 @@ pub struct Counters {
     pub early_talkers: u32,
     /// Content findings, by [`Rule`] (in [`Rule::ALL`] order), whatever their action.
     pub content: [u32; Rule::ALL.len()],
+    /// Sessions whose upstream could not be told the client's identity (XCLIENT not offered
+    /// or refused); at most one per session.
+    pub identity_unsent: u32,
+    /// Client TLS handshakes completed under `starttls = "terminate"`.
+    pub tls_terminated: u32,
+    /// Upstream TLS handshakes completed under `upstream_tls = "starttls"`.
+    pub upstream_tls: u32,
 }
 
 impl Counters {
@@ -167,6 +175,8 @@ enum Up {
     Connecting { replay: bool },
     /// Connected, awaiting the greeting.
     Greeting { replay: bool },
+    /// Greeted; the hidden preamble (see `preamble.rs`) is running.
+    Preamble { replay: bool },
     /// Reconnected: `sent` lines of the HELO/AUTH replay are out, the last awaits its reply.
     Replaying { sent: usize },
     /// Greeted; commands flow.
@@ -347,12 +357,20 @@ pub struct Session {
     /// TLS terminated by the guard, and where in the last call's actions it began.
     tls: starttls::Phase,
     tls_switch: Option<usize>,
+    /// The real client, for the upstream preamble.
+    identity: Option<Identity>,
+    /// The hidden exchange of the current upstream connection.
+    preamble: Preamble,
+    /// The upstream's greeting, kept from the client until the preamble is over.
+    greeting: Option<Vec<u8>>,
+    /// Where in the last call's actions the upstream connection became TLS.
+    upstream_tls_switch: Option<usize>,
 }
 
 impl Session {
     /// A session for a client just accepted, under `policy`.
     pub fn new(policy: Arc<Policy>, now: Instant) -> Session {
-        Session {
+        let mut s = Session {
             policy,
             up: Up::Connecting { replay: false },
             mode: ClientMode::Command,
@@ -391,6 +409,33 @@ impl Session {
             upstream_since: now,
             tls: starttls::Phase::Plain,
             tls_switch: None,
+            identity: None,
+            preamble: Preamble::plan(UpstreamIdentity::None, None, None),
+            greeting: None,
+            upstream_tls_switch: None,
+        };
+        s.preamble = s.plan_preamble();
+        s
+    }
+
+    /// Tells the upstream who the client is, as the policy's `upstream_identity` says.
+    pub fn with_identity(mut self, identity: Identity) -> Session {
+        self.identity = Some(identity);
+        self.preamble = self.plan_preamble();
+        self
+    }
+
+    fn plan_preamble(&self) -> Preamble {
+        let greeted = self.helo.as_deref().and_then(greeted);
+        let plan = Preamble::plan(
+            self.policy.upstream_identity,
+            self.identity,
+            greeted.as_ref(),
+        );
+        if self.policy.tls.upstream == UpstreamTls::Starttls {
+            plan.with_starttls()
+        } else {
+            plan
         }
     }
 
@@ -659,7 +704,7 @@ impl Session {
                 self.forward(line.chunk(), expect, out);
             }
             Verb::MAIL | Verb::RCPT | Verb::DATA | Verb::BDAT if self.needs_ehlo_again() => {
-                self.local_error(starttls::EHLO_FIRST, out);
+                self.refuse_before_ehlo(verb, content, out);
             }
             Verb::MAIL => {
                 let max = self.policy.max_message_size;
@@ -1035,6 +1080,10 @@ impl Session {
             Up::Connecting { replay } | Up::Greeting { replay } => {
                 self.on_greeting(reply, replay, input, out)
             }
+            Up::Preamble { replay } => {
+                let next = self.preamble.on_reply(reply.code, reply.bytes(input));
+                self.preamble_next(next, replay, out);
+            }
             Up::Replaying { sent } => self.on_replay_reply(&reply, sent, out),
             Up::Ready => self.on_answer(reply, input, out),
             Up::Gone => {}
@@ -1042,6 +1091,15 @@ impl Session {
     }
 
     fn on_greeting(&mut self, reply: Reply, replay: bool, input: &[u8], out: &mut Vec<Action>) {
+        if reply.class() == 2 && self.preamble.has_steps() {
+            if !replay {
+                self.greeting = Some(reply.bytes(input).to_vec());
+            }
+            self.up = Up::Preamble { replay };
+            let next = self.preamble.begin();
+            self.preamble_next(next, replay, out);
+            return;
+        }
         if replay {
             if reply.class() == 2 {
                 self.replay_next(0, out);
@@ -1050,20 +1108,69 @@ impl Session {
             }
             return;
         }
-        self.counters.reply(reply.bytes(input));
+        let bytes = reply.bytes(input);
+        let chunk = reply_chunk(reply.bytes.clone());
+        self.relay_banner(reply.code, bytes, chunk, input, out);
+    }
+
+    /// The upstream's greeting goes to the client: `bytes` are its text, `chunk` the way to
+    /// send it unchanged (a range of `input` or owned).
+    fn relay_banner(
+        &mut self,
+        code: u16,
+        bytes: &[u8],
+        chunk: Chunk,
+        input: &[u8],
+        out: &mut Vec<Action>,
+    ) {
+        self.counters.reply(bytes);
         let banner = if self.policy.mask_banner {
             self.counters.banner_masked += 1;
-            Chunk::Owned(reply::mask(reply.bytes(input)))
+            Chunk::Owned(reply::mask(bytes))
         } else {
-            reply_chunk(reply.bytes)
+            chunk
         };
         self.up = Up::Ready;
-        if self.now < self.pregreet_release() && reply.code != 421 {
+        if self.now < self.pregreet_release() && code != 421 {
             // postscreen's pregreet test: hold the banner and see whether the client talks.
             self.held_banner = Some(banner.bytes(input).to_vec());
             return;
         }
-        self.send_banner(banner, reply.code == 421, out);
+        self.send_banner(banner, code == 421, out);
+    }
+
+    /// Sends the preamble's next line, or once it is over lets the client's dialogue (or its
+    /// replay) have the connection.
+    fn preamble_next(&mut self, next: Next, replay: bool, out: &mut Vec<Action>) {
+        match next {
+            Next::Send(line) => send(out, Side::Upstream, Chunk::Owned(line)),
+            Next::StartTls => self.upstream_tls_switch = Some(out.len()),
+            Next::Refused => {
+                // The policy asks for TLS to the upstream: no mail goes there in plain text.
+                self.counters.upstream_failures += 1;
+                self.fail_close(
+                    if replay {
+                        text::UPSTREAM_LOST
+                    } else {
+                        text::UNAVAILABLE
+                    },
+                    out,
+                );
+            }
+            Next::Done => {
+                if self.preamble.shortfall().is_some() {
+                    self.counters.identity_unsent = 1;
+                }
+                if replay {
+                    self.replay_next(0, out);
+                } else {
+                    let greeting = self.greeting.take().unwrap_or_default();
+                    let code = reply_code(&greeting);
+                    let chunk = Chunk::Owned(greeting.clone());
+                    self.relay_banner(code, &greeting, chunk, &[], out);
+                }
+            }
+        }
     }
 
     /// When a banner held for `pregreet_wait` may go out.
@@ -1242,6 +1349,7 @@ impl Session {
         self.parser = ReplyParser::default();
         self.up = Up::Connecting { replay: true };
         self.upstream_since = self.now;
+        self.preamble = self.plan_preamble();
         out.push(Action::Connect);
     }
 
@@ -1372,6 +1480,27 @@ fn inspect<'a>(
 }
 
 /// A command line is clean when it has no NUL, no bare CR and is valid UTF-8 (SMTPUTF8).
+/// The code of a whole reply (a greeting kept as bytes); 0 if it has none.
+fn reply_code(bytes: &[u8]) -> u16 {
+    bytes
+        .get(..3)
+        .and_then(|c| std::str::from_utf8(c).ok())
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The client's HELO/EHLO line as the preamble needs it.
+fn greeted(line: &[u8]) -> Option<Greeted> {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let verb = line.get(..4)?;
+    let name = line.get(4..).unwrap_or(&[]).trim_ascii();
+    Some(Greeted {
+        name: name.to_vec(),
+        extended: verb.eq_ignore_ascii_case(b"EHLO"),
+    })
+}
+
 fn is_clean(content: &[u8]) -> bool {
     memchr::memchr2(0, b'\r', content).is_none() && std::str::from_utf8(content).is_ok()
 }
@@ -1473,7 +1602,9 @@ impl Proxy for Session {
     }
 
     fn on_upstream_connected(&mut self, now: Instant, out: &mut Vec<Action>) {
-        let _ = out;
+        if let Some(header) = self.preamble.header() {
+            send(out, Side::Upstream, Chunk::Owned(header.to_vec()));
+        }
         self.now = now;
         self.upstream_since = now;
         if let Up::Connecting { replay } = self.up {
@@ -1516,7 +1647,9 @@ impl Proxy for Session {
         self.now = now;
         let first = matches!(
             self.up,
-            Up::Connecting { replay: false } | Up::Greeting { replay: false }
+            Up::Connecting { replay: false }
+                | Up::Greeting { replay: false }
+                | Up::Preamble { replay: false }
         );
         self.on_upstream_gone(
             if first {
@@ -1585,9 +1718,10 @@ impl Session {
     fn upstream_deadline(&self) -> Option<Instant> {
         let p = &self.policy;
         let wait = match self.up {
-            Up::Connecting { .. } | Up::Greeting { .. } | Up::Replaying { .. } => {
-                p.greeting_timeout
-            }
+            Up::Connecting { .. }
+            | Up::Greeting { .. }
+            | Up::Preamble { .. }
+            | Up::Replaying { .. } => p.greeting_timeout,
             Up::Ready if self.awaiting_upstream() => {
                 if self.message_in_flight() {
                     p.final_timeout
@@ -1642,6 +1776,7 @@ impl Session {
 }
 
 mod starttls;
+mod upstream_tls;
 
 #[cfg(test)]
 mod tests;

@@ -1,13 +1,15 @@
 //! Reading the PEM certificate chain and private key named by the policy into a rustls
-//! server configuration. Owns the file access and its error messages; must not hold any
+//! server configuration, and the upstream CA bundle into a client configuration. Owns the file access and its error messages; must not hold any
 //! session state.
 
 use std::path::Path;
 use std::sync::Arc;
 
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::ServerConfig;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 
 /// A certificate, key or CA file could not be used. `Display` names the file.
 #[derive(Debug, thiserror::Error)]
@@ -77,4 +79,81 @@ pub fn load_server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, 
             .with_single_cert(chain, private)
             .map_err(|e| config_error(e.to_string()))?;
     Ok(Arc::new(config))
+}
+
+/// The configuration for mailguard's own STARTTLS to the upstream: verifying against the CAs
+/// in `ca`, or, with `ca` = `None`, accepting any certificate (`upstream_tls_verify = false`:
+/// encryption against passive eavesdroppers only; the policy refuses verification without a
+/// CA rather than guess a trust store).
+pub fn load_client_config(ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| pem_error(ca.unwrap_or(Path::new("upstream_tls")), &e.to_string()))?;
+    let config = match ca {
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for cert in certificates(ca, &read(ca)?)? {
+                roots
+                    .add(cert)
+                    .map_err(|e| pem_error(ca, &format!("unusable CA certificate ({e})")))?;
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        None => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+            .with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
+}
+
+/// `upstream_tls_verify = false`: any certificate is accepted, but the handshake signatures
+/// are still checked, so the session keys are bound to the certificate that was shown.
+#[derive(Debug)]
+struct AnyCertificate(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }

@@ -11,7 +11,7 @@ use std::time::Instant;
 use crate::config::StartTls;
 use crate::relay::{Action, Chunk, Side};
 
-use super::{Line, Pending, Session};
+use super::{Line, Pending, Session, Verb};
 
 pub(super) const READY: &[u8] = b"220 2.0.0 Ready to start TLS\r\n";
 pub(super) const ALREADY: &[u8] = b"503 5.5.1 TLS already active\r\n";
@@ -72,6 +72,7 @@ impl Session {
         self.now = now;
         self.client_since = now;
         self.tls = Phase::Active;
+        self.counters.tls_terminated += 1;
         self.helo = None;
         self.auth.clear();
         self.auth_in_progress.clear();
@@ -84,11 +85,23 @@ impl Session {
         self.tls == Phase::Active && self.helo.is_none()
     }
 
+    /// `503 5.5.1 Send EHLO first`; a refused BDAT's chunk still follows by length and is
+    /// skipped, never read as commands.
+    pub(super) fn refuse_before_ehlo(&mut self, verb: Verb, content: &[u8], out: &mut Vec<Action>) {
+        if verb == Verb::BDAT {
+            if let Some(b) = super::command::bdat_args(content) {
+                self.mode = super::ClientMode::Bdat {
+                    remaining: b.size,
+                    forward: false,
+                };
+            }
+        }
+        self.local_error(EHLO_FIRST, out);
+    }
+
     /// Adds STARTTLS to a filtered EHLO reply, while the client has not started TLS.
     pub(super) fn announce_starttls(&self, mut reply: Vec<u8>) -> Vec<u8> {
-        if !self.terminates_tls()
-            || self.tls != Phase::Plain
-            || !self.policy.allows(super::Verb::STARTTLS)
+        if !self.terminates_tls() || self.tls != Phase::Plain || !self.policy.allows(Verb::STARTTLS)
         {
             return reply;
         }

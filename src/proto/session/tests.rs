@@ -845,6 +845,17 @@ fn terminating() -> Pair {
     p
 }
 
+fn with_identity(policy: &str) -> Pair {
+    let mut p = Pair::new(policy);
+    let id = Identity {
+        client: "192.0.2.7:40000".parse().unwrap(),
+        local: "198.51.100.1:25".parse().unwrap(),
+    };
+    let s = std::mem::replace(&mut p.s, Session::new(Arc::new(Policy::default()), p.now));
+    p.s = s.with_identity(id);
+    p
+}
+
 #[test]
 fn terminate_answers_starttls_after_pipelined_replies_and_drops_what_followed() {
     let mut p = terminating();
@@ -868,6 +879,9 @@ fn terminate_answers_starttls_after_pipelined_replies_and_drops_what_followed() 
     p.s.tls_established(p.now);
     p.client(b"MAIL FROM:<a@b.test>\r\n");
     assert_eq!(p.take_client(), b"503 5.5.1 Send EHLO first\r\n");
+    // A BDAT chunk before the new EHLO is skipped by its length, not read as commands.
+    p.client(b"BDAT 25 LAST\r\nRCPT TO:<hidden@x.test>\r\n");
+    assert_eq!(p.take_client(), b"503 5.5.1 Send EHLO first\r\n");
     assert!(p.take_up().is_empty(), "the injected MAIL never went out");
     p.client(b"EHLO c.test\r\n");
     p.upstream(EHLO_REPLY);
@@ -878,4 +892,140 @@ fn terminate_answers_starttls_after_pipelined_replies_and_drops_what_followed() 
     );
     p.client(b"STARTTLS\r\n");
     assert_eq!(p.take_client(), b"503 5.5.1 TLS already active\r\n");
+}
+
+#[test]
+fn xclient_preamble_is_hidden_and_replayed_on_reconnect() {
+    let mut p = with_identity("upstream_identity = \"xclient\"\nbare_lf = \"reject\"");
+    p.client(b"EHLO c\r\n");
+    p.connected();
+    p.upstream(BANNER);
+    assert!(
+        p.take_client().is_empty(),
+        "banner held during the preamble"
+    );
+    assert_eq!(p.take_up(), b"EHLO mailguard\r\n");
+    p.upstream(EHLO_REPLY);
+    assert_eq!(
+        p.take_up(),
+        b"XCLIENT ADDR=192.0.2.7 NAME=[UNAVAILABLE]\r\n".as_slice()
+    );
+    assert!(p.take_client().is_empty());
+    p.upstream(b"220 mx.upstream.test ESMTP again\r\n");
+    assert_eq!(p.take_client(), BANNER, "the first banner, once");
+    assert_eq!(p.take_up(), b"EHLO c\r\n");
+    p.upstream(EHLO_REPLY);
+    assert!(p.client_text().starts_with("250-mx.upstream.test"));
+    p.client(b"MAIL FROM:<a@b>\r\nDATA\r\n");
+    p.upstream(b"250 a\r\n354 c\r\n");
+    p.take_client();
+    p.take_up();
+    p.client(b"bad\nline\r\n.\r\n");
+    assert_eq!(p.connects, 2);
+    p.take_client();
+    p.connected();
+    p.upstream(BANNER);
+    assert_eq!(p.take_up(), b"EHLO mailguard\r\n");
+    p.upstream(EHLO_REPLY);
+    assert_eq!(
+        p.take_up(),
+        b"XCLIENT ADDR=192.0.2.7 NAME=[UNAVAILABLE] HELO=c PROTO=ESMTP\r\n".as_slice()
+    );
+    p.upstream(b"220 again\r\n");
+    assert_eq!(p.take_up(), b"EHLO c\r\n", "then the client's own replay");
+    p.upstream(EHLO_REPLY);
+    assert!(p.take_client().is_empty());
+    assert_eq!(p.s.counters().identity_unsent, 0);
+}
+
+#[test]
+fn xclient_not_offered_still_relays_and_counts_once() {
+    let mut p = with_identity("upstream_identity = \"xclient\"");
+    p.connected();
+    p.upstream(BANNER);
+    assert_eq!(p.take_up(), b"EHLO mailguard\r\n");
+    p.upstream(b"250-mx\r\n250 SIZE 10\r\n");
+    assert_eq!(p.take_client(), BANNER);
+    assert!(p.take_up().is_empty());
+    p.client(b"HELO c\r\n");
+    assert_eq!(p.take_up(), b"HELO c\r\n");
+    assert_eq!(p.s.counters().identity_unsent, 1);
+}
+
+#[test]
+fn proxy_header_opens_every_upstream_connection() {
+    for (mode, header) in [
+        (
+            "proxy-v1",
+            proxy_header_v1("192.0.2.7:40000", "198.51.100.1:25"),
+        ),
+        (
+            "proxy-v2",
+            crate::proxy_header::v2(
+                "192.0.2.7:40000".parse().unwrap(),
+                "198.51.100.1:25".parse().unwrap(),
+            ),
+        ),
+    ] {
+        let mut p = with_identity(&format!(
+            "upstream_identity = \"{mode}\"\nbare_lf = \"reject\""
+        ));
+        p.connected();
+        assert_eq!(p.take_up(), header, "{mode}");
+        p.upstream(BANNER);
+        assert_eq!(p.take_client(), BANNER);
+        p.client(b"EHLO c\r\nMAIL FROM:<a@b>\r\nDATA\r\n");
+        p.upstream(EHLO_REPLY);
+        p.upstream(b"250 a\r\n354 c\r\n");
+        p.take_up();
+        p.client(b"bad\nline\r\n");
+        assert_eq!(p.connects, 2);
+        p.connected();
+        assert_eq!(p.take_up(), header, "{mode} on the reconnect");
+    }
+}
+
+fn proxy_header_v1(client: &str, local: &str) -> Vec<u8> {
+    crate::proxy_header::v1(client.parse().unwrap(), local.parse().unwrap())
+}
+
+#[test]
+fn upstream_starttls_runs_hidden_and_a_refusal_closes_before_any_banner() {
+    const POLICY: &str = "upstream_tls = \"starttls\"\nupstream_tls_verify = false";
+    let mut p = Pair::new(POLICY);
+    p.connected();
+    p.upstream(BANNER);
+    assert!(
+        p.take_client().is_empty(),
+        "banner held during the preamble"
+    );
+    assert_eq!(p.take_up(), b"EHLO mailguard\r\n");
+    p.upstream(EHLO_REPLY);
+    assert_eq!(p.take_up(), b"STARTTLS\r\n");
+    let mut out = Vec::new();
+    p.s.on_upstream(b"220 2.0.0 go ahead\r\n", p.now, &mut out);
+    assert_eq!(p.s.take_upstream_tls_switch(), Some(out.len()));
+    p.apply(&[], out);
+    assert!(p.take_up().is_empty(), "nothing more until the handshake");
+    let mut out = Vec::new();
+    p.s.upstream_tls_established(p.now, &mut out);
+    p.apply(&[], out);
+    assert_eq!(p.take_up(), b"EHLO mailguard\r\n", "EHLO again, inside TLS");
+    p.upstream(EHLO_REPLY);
+    assert_eq!(
+        p.take_client(),
+        BANNER,
+        "the banner once the preamble is over"
+    );
+
+    let mut refused = Pair::new(POLICY);
+    refused.connected();
+    refused.upstream(BANNER);
+    refused.upstream(EHLO_REPLY);
+    refused.upstream(b"454 4.7.0 TLS not available\r\n");
+    assert_eq!(
+        refused.take_client(),
+        b"421 4.3.0 Service unavailable, try again later\r\n"
+    );
+    assert!(refused.closed);
 }
