@@ -12,16 +12,18 @@
 mod common;
 mod postfix_common;
 mod smtplib_client;
+mod tls_common;
 
 use common::*;
 use serde_json::json;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
+use tls_common::Pki;
 
 use postfix_common::{Postfix, PostfixBuilder};
 use rustls::pki_types::pem::PemObject;
@@ -31,122 +33,6 @@ use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 const FROM: &str = "sender@example.test";
 const TO: &str = "rcpt@example.test";
 const READY: &str = "220 2.0.0 Ready to start TLS\r\n";
-
-/// A test CA, a server certificate and key for 127.0.0.1 signed by it, and another CA.
-struct Pki {
-    dir: TempDir,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = TempDir::new();
-        let ext = dir.write(
-            "server.ext",
-            b"basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n\
-              subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n\
-              subjectAltName=IP:127.0.0.1,DNS:localhost\n",
-        );
-        let pki = Pki { dir };
-        pki.openssl(
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-            ]
-            .iter()
-            .chain(&["-nodes", "-days", "2", "-subj", "/CN=mailguard test CA"])
-            .chain(&["-keyout", "ca.key", "-out", "ca.pem"])
-            .copied()
-            .collect::<Vec<_>>(),
-        );
-        pki.openssl(
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-            ]
-            .iter()
-            .chain(&["-nodes", "-days", "2", "-subj", "/CN=other CA"])
-            .chain(&["-keyout", "other.key", "-out", "other.pem"])
-            .copied()
-            .collect::<Vec<_>>(),
-        );
-        pki.openssl(&[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-subj",
-            "/CN=localhost",
-            "-keyout",
-            "key.pem",
-            "-out",
-            "server.csr",
-        ]);
-        pki.openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-out",
-            "cert.pem",
-            "-extfile",
-            &ext.display().to_string(),
-        ]);
-        pki
-    }
-
-    #[track_caller]
-    fn openssl(&self, args: &[&str]) {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(&self.dir.path)
-            .stdin(Stdio::null())
-            .output()
-            .expect("openssl is needed by this test");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path.join(name)
-    }
-
-    fn ca(&self) -> String {
-        self.path("ca.pem").display().to_string()
-    }
-
-    fn other_ca(&self) -> String {
-        self.path("other.pem").display().to_string()
-    }
-
-    /// A policy terminating STARTTLS with this certificate, plus `extra` keys.
-    fn policy(&self, extra: &str) -> String {
-        format!(
-            "starttls = \"terminate\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n{extra}\n",
-            self.path("cert.pem").display(),
-            self.path("key.pem").display()
-        )
-    }
-}
 
 /// A rustls client trusting `ca`, over an SMTP connection that just got its 220 to STARTTLS.
 struct TlsClient {

@@ -10,8 +10,8 @@
 //! - a relaying client ([`PostfixBuilder::relayhost`]): mail handed to [`Postfix::sendmail`]
 //!   goes out through Postfix's own SMTP client to that host.
 //!
-//! main.cf overrides ([`PostfixBuilder::set`]) come last in main.cf, so they win over the base
-//! settings: `smtpd_authorized_xclient_hosts`, `smtpd_upstream_proxy_protocol`, TLS, etc.
+//! main.cf overrides ([`PostfixBuilder::set`]) replace the base setting of the same name (or are
+//! added): `smtpd_authorized_xclient_hosts`, `smtpd_upstream_proxy_protocol`, TLS, etc.
 //!
 //! Needs the Debian package `postfix` (`.ci/run` installs it) and root (Postfix's master runs
 //! as root). Without them a test fails and says so; it never passes silently. This module owns
@@ -47,10 +47,50 @@ pub fn run(cmd: &mut Command) -> (bool, String) {
 
 /// Runs a command; (success, stdout, stderr) as bytes.
 fn run_bytes(cmd: &mut Command) -> (bool, Vec<u8>, Vec<u8>) {
-    match cmd.stdin(Stdio::null()).output() {
-        Ok(o) => (o.status.success(), o.stdout, o.stderr),
-        Err(e) => (false, Vec::new(), e.to_string().into_bytes()),
+    run_bounded(cmd, None)
+}
+
+/// Longest a Postfix command (postqueue, postcat, sendmail, postfix) may take.
+const COMMAND_LIMIT: Duration = Duration::from_secs(60);
+
+/// Runs a command with `stdin` (or none), killed by its PID after [`COMMAND_LIMIT`] (a wedged
+/// instance must fail the test, not hang it); output goes through files, so a large one
+/// cannot block the child. (success, stdout, stderr).
+fn run_bounded(cmd: &mut Command, stdin: Option<&[u8]>) -> (bool, Vec<u8>, Vec<u8>) {
+    use std::io::Write;
+    let dir = TempDir::new();
+    let (out, err) = (dir.path.join("stdout"), dir.path.join("stderr"));
+    let files = std::fs::File::create(&out).and_then(|o| Ok((o, std::fs::File::create(&err)?)));
+    let Ok((o, e)) = files else {
+        return (false, Vec::new(), b"cannot create output files".to_vec());
+    };
+    let stdin_cfg = if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    };
+    let mut child = match cmd.stdin(stdin_cfg).stdout(o).stderr(e).spawn() {
+        Ok(c) => c,
+        Err(e) => return (false, Vec::new(), e.to_string().into_bytes()),
+    };
+    if let (Some(bytes), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        let _ = pipe.write_all(bytes);
     }
+    let mut status = None;
+    wait_for(COMMAND_LIMIT, || {
+        status = child.try_wait().ok().flatten();
+        status.is_some()
+    });
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let ok = status.is_some_and(|s| s.success());
+    let mut stderr = std::fs::read(&err).unwrap_or_default();
+    if status.is_none() {
+        stderr.extend_from_slice(format!("killed after {COMMAND_LIMIT:?}").as_bytes());
+    }
+    (ok, std::fs::read(&out).unwrap_or_default(), stderr)
 }
 
 /// A port in 30000-39999 that was free a moment ago (away from the ephemeral range the other
@@ -88,7 +128,7 @@ impl PostfixBuilder {
         PostfixBuilder::default()
     }
 
-    /// A main.cf line `param = value`, after the base settings (so it wins).
+    /// main.cf `param = value`, replacing the base setting of that name if there is one.
     pub fn set(mut self, param: &str, value: &str) -> PostfixBuilder {
         self.overrides.push((param.to_string(), value.to_string()));
         self
@@ -205,19 +245,47 @@ biff = no
             log = d.join("maillog").display(),
             tmp = d.display(),
         );
+        let mut params: Vec<(String, String)> = Vec::new();
         if let Some(host) = self.relayhost {
-            main.push_str(&format!(
-                "relayhost = [{}]:{}\ndefault_transport = smtp\nrelay_transport = smtp\n\
-                 smtp_address_preference = ipv4\n",
-                host.ip(),
-                host.port()
+            params.push((
+                "relayhost".into(),
+                format!("[{}]:{}", host.ip(), host.port()),
             ));
+            params.push(("default_transport".into(), "smtp".into()));
+            params.push(("relay_transport".into(), "smtp".into()));
+            params.push(("smtp_address_preference".into(), "ipv4".into()));
         }
-        for (param, value) in &self.overrides {
-            main.push_str(&format!("{param} = {value}\n"));
+        params.extend(self.overrides.iter().cloned());
+        for (param, value) in &params {
+            set_param(&mut main, param, value);
         }
         main
     }
+}
+
+/// Sets `param` in main.cf text: its line is replaced if there is one, else appended. Never a
+/// second line for one parameter: every Postfix daemon warns about a duplicate when it reads
+/// main.cf, postlogd included, and postlogd logging to itself while its datagram queue is full
+/// (`net.unix.max_dgram_qlen` is 10 here) blocks it, and with it the whole instance.
+fn set_param(main: &mut String, param: &str, value: &str) {
+    let line = format!("{param} = {value}");
+    let prefix = format!("{param} =");
+    let mut found = false;
+    let mut out: Vec<String> = main
+        .lines()
+        .map(|l| {
+            if l.starts_with(&prefix) {
+                found = true;
+                line.clone()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    if !found {
+        out.push(line);
+    }
+    *main = out.join("\n") + "\n";
 }
 
 #[track_caller]
@@ -303,10 +371,18 @@ impl Postfix {
         assert!(ok, "postqueue -j: {out}");
         out.lines()
             .filter(|l| l.starts_with('{'))
-            .map(|l| Queued {
-                id: json_str(l, "queue_id").unwrap_or_default(),
-                sender: json_str(l, "sender").unwrap_or_default(),
-                recipients: json_all(l, "address"),
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l)
+                    .unwrap_or_else(|e| panic!("postqueue -j line {l:?}: {e}"));
+                let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+                Queued {
+                    id: text(&v["queue_id"]),
+                    sender: text(&v["sender"]),
+                    recipients: v["recipients"]
+                        .as_array()
+                        .map(|a| a.iter().map(|r| text(&r["address"])).collect())
+                        .unwrap_or_default(),
+                }
             })
             .collect()
     }
@@ -354,30 +430,30 @@ impl Postfix {
     /// sender `from`; `-i` so a lone dot line is data.
     #[track_caller]
     pub fn sendmail(&self, from: &str, to: &[&str], message: &[u8]) {
-        use std::io::Write;
-        let mut child = Command::new("/usr/sbin/sendmail")
-            .arg("-C")
-            .arg(&self.dir.path)
-            .arg("-i")
-            .arg("-f")
-            .arg(from)
-            .arg("--")
-            .args(to)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn Postfix sendmail");
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(message).expect("write to sendmail");
-        }
-        let out = child.wait_with_output().expect("wait for sendmail");
+        self.sendmail_with(&[], from, to, message);
+    }
+
+    /// [`Postfix::sendmail`] with extra options, e.g. `-B 8BITMIME`.
+    #[track_caller]
+    pub fn sendmail_with(&self, options: &[&str], from: &str, to: &[&str], message: &[u8]) {
+        let (ok, out, err) = run_bounded(
+            Command::new("/usr/sbin/sendmail")
+                .arg("-C")
+                .arg(&self.dir.path)
+                .arg("-i")
+                .args(options)
+                .arg("-f")
+                .arg(from)
+                .arg("--")
+                .args(to),
+            Some(message),
+        );
         assert!(
-            out.status.success(),
+            ok,
             "sendmail -C {}: {}{}",
             self.dir.path.display(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            String::from_utf8_lossy(&out),
+            String::from_utf8_lossy(&err)
         );
     }
 
@@ -418,27 +494,6 @@ impl Drop for Postfix {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-/// The string value of `"key": "..."` in one JSON line (no escapes in the values we read).
-pub fn json_str(line: &str, key: &str) -> Option<String> {
-    json_all(line, key).into_iter().next()
-}
-
-/// Every string value of `"key": "..."` in one JSON line.
-fn json_all(line: &str, key: &str) -> Vec<String> {
-    let pat = format!("\"{key}\": \"");
-    let mut v = Vec::new();
-    let mut rest = line;
-    while let Some(at) = rest.find(&pat) {
-        let start = at + pat.len();
-        let Some(end) = rest[start..].find('"') else {
-            break;
-        };
-        v.push(rest[start..start + end].to_string());
-        rest = &rest[start + end..];
-    }
-    v
 }
 
 /// Count of queued messages from `sender`.

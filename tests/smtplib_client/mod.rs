@@ -1,8 +1,10 @@
 //! Sending a message with Python's `smtplib`, a real SMTP client nobody here wrote, for the
 //! end-to-end tests. Each test file supplies the head of the script (how the message is built:
 //! it must set `port, sender, rcpts, spec, dump` from argv, put the bytes in `data` and write
-//! them to `dump`); the send, the error handling and the JSON report are shared. A spec with
-//! `"starttls": "<CA file>"` makes the send go through `starttls()` verifying against it.
+//! them to `dump`); the send, the error handling and the JSON report are shared. Optional spec
+//! keys for the send: `"starttls": "<CA file>"` (through `starttls()`, verifying against it),
+//! `"auth": [user, password, mechanism]` (`PLAIN` or `LOGIN`, forced), `"mail_options": [...]`
+//! (e.g. `BODY=8BITMIME`, `SMTPUTF8`).
 
 #![allow(dead_code)]
 
@@ -28,7 +30,13 @@ try:
         if spec.get("starttls"):
             import ssl
             s.starttls(context=ssl.create_default_context(cafile=spec["starttls"]))
-        refused = s.sendmail(sender, rcpts.split(","), data)
+        if spec.get("auth"):
+            user, password, mechanism = spec["auth"]
+            s.ehlo_or_helo_if_needed()
+            s.user, s.password = user, password
+            s.auth(mechanism, getattr(s, "auth_" + mechanism.lower()))
+        refused = s.sendmail(sender, rcpts.split(","), data,
+                             mail_options=spec.get("mail_options", []))
     out = {"status": "ok", "refused": {k: [c, text(m)] for k, (c, m) in refused.items()}}
 except smtplib.SMTPDataError as e:
     out = {"status": "data", "code": e.smtp_code, "msg": text(e.smtp_error)}
