@@ -12,7 +12,6 @@ mod ops_common;
 use common::*;
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -44,21 +43,9 @@ fn guard(backends: &[SocketAddr], config: &str) -> (Guard, SocketAddr) {
     (g, metrics)
 }
 
-/// The value of one sample of `/metrics` (fetched with curl), if present.
+/// The value of one sample of `/metrics`, if present.
 fn metric(metrics: SocketAddr, series: &str) -> Option<f64> {
-    let out = Command::new("curl")
-        .args([
-            "-sS",
-            "--max-time",
-            "10",
-            &format!("http://{metrics}/metrics"),
-        ])
-        .output()
-        .expect("run curl");
-    assert!(out.status.success(), "curl /metrics: {out:?}");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    metric_value(&scrape_metrics(metrics), series)
 }
 
 /// `mailguard_upstream_backend_up` of `backend`.

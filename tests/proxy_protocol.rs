@@ -171,20 +171,6 @@ fn haproxy_send_proxy_v2_config_key_and_per_ip_limit_use_the_real_client() {
     first.ehlo();
 }
 
-/// The metrics page, fetched with curl (bounded).
-fn scrape(metrics: SocketAddr) -> String {
-    let out = Command::new("curl")
-        .args([
-            "-sS",
-            "--max-time",
-            "10",
-            &format!("http://{metrics}/metrics"),
-        ])
-        .output()
-        .expect("run curl");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[test]
 fn without_a_valid_header_the_connection_is_closed_without_smtp() {
     let up = Upstream::start();
@@ -231,7 +217,7 @@ fn without_a_valid_header_the_connection_is_closed_without_smtp() {
     let mut page = String::new();
     assert!(
         wait_for(WAIT, || {
-            page = scrape(metrics);
+            page = scrape_metrics(metrics);
             page.contains(counted)
         }),
         "{page}"

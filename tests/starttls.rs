@@ -435,6 +435,14 @@ fn terminate_without_a_certificate_is_refused_with_file_line_column() {
     let (status, err) = run_to_exit(&["check", "--policy", &p.display().to_string()]);
     assert!(status.success(), "{err}");
 
+    // A mode without STARTTLS could never use the certificate: refused, not silently idle.
+    let text = "mode = \"esmtp\"\nstarttls = \"terminate\"\ntls_cert = \"cert.pem\"\ntls_key = \"key.pem\"\n";
+    let p = dir.write("esmtp.toml", text.as_bytes());
+    let (status, err) = run_to_exit(&["check", "--policy", &p.display().to_string()]);
+    assert_one_line_failure(status, &err);
+    assert!(err.contains("esmtp.toml:2:12:"), "{err}");
+    assert!(err.contains("needs the STARTTLS verb"), "{err}");
+
     let text = "upstream_tls = \"starttls\"\n";
     let p = dir.write("policy3.toml", text.as_bytes());
     let (status, err) = run_to_exit(&["check", "--policy", &p.display().to_string()]);

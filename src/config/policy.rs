@@ -380,6 +380,15 @@ impl Policy {
             .collect();
         allowed.sort();
         allowed.dedup();
+        if starttls == StartTls::Terminate && !allowed.contains(&Verb::STARTTLS) {
+            // Certificates would be loaded for a verb no client could ever send.
+            return Err(invalid(
+                text,
+                origin,
+                starttls_at,
+                "starttls = \"terminate\" needs the STARTTLS verb allowed: mode = \"modern\", or STARTTLS in `allow` (and in `extensions`, if set)",
+            ));
+        }
         let lower = |r: Option<Ruled<Vec<String>>>| {
             let r = r.unwrap_or(Ruled {
                 value: Vec::new(),

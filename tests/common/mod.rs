@@ -939,6 +939,29 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_mailguard")
 }
 
+/// The guard's metrics page, fetched with curl (bounded to 10 s).
+#[allow(dead_code)]
+pub fn scrape_metrics(metrics: SocketAddr) -> String {
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "10",
+            &format!("http://{metrics}/metrics"),
+        ])
+        .output()
+        .expect("run curl");
+    assert!(out.status.success(), "curl /metrics: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The value of one sample (`name{labels}`, exactly as exposed) of a metrics page.
+#[allow(dead_code)]
+pub fn metric_value(page: &str, series: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// A port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind for a free port");
