@@ -204,7 +204,7 @@ impl ServerHandle {
         }
         self.command.draining.store(true, Ordering::Release);
         // On Linux, shutting down a listening socket stops it listening: connects are refused
-        // from here on and the multishot accepts end. The fd itself stays open (the workers
+        // from here on and the pending accepts end. The fd itself stays open (the workers
         // share it) until the server is dropped.
         let _ = SockRef::from(&*self.listener).shutdown(Shutdown::Read);
         self.wake_all();

@@ -18,7 +18,7 @@ const SECCOMP_FIX: &str = "containers: run with --security-opt seccomp=unconfine
 
 /// Opcodes the workers submit, with the names a diagnostic should show.
 const REQUIRED_OPS: [(u8, &str); 6] = [
-    (opcode::AcceptMulti::CODE, "IORING_OP_ACCEPT"),
+    (opcode::Accept::CODE, "IORING_OP_ACCEPT"),
     (opcode::RecvMulti::CODE, "IORING_OP_RECV"),
     (opcode::Send::CODE, "IORING_OP_SEND"),
     (opcode::Connect::CODE, "IORING_OP_CONNECT"),

@@ -33,7 +33,7 @@ pub(crate) const EPOCH_MASK: u16 = (1 << EPOCH_BITS) - 1;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub(crate) enum Op {
-    /// The worker's multishot accept on the shared listener.
+    /// The worker's accept on the shared listener.
     Accept = 1,
     /// The read kept armed on the worker's eventfd.
     Wake = 2,
@@ -64,7 +64,7 @@ impl Op {
     }
 }
 
-/// `user_data` of the multishot accept.
+/// `user_data` of the accept.
 pub(crate) const ACCEPT: u64 = Op::Accept as u64;
 /// `user_data` of the eventfd read.
 pub(crate) const WAKE: u64 = Op::Wake as u64;

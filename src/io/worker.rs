@@ -19,7 +19,7 @@
 //! closing session flushed what it owed its client) the worker stops as above.
 
 use std::collections::VecDeque;
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -97,6 +97,9 @@ struct Worker<F: ProxyFactory> {
     starved: VecDeque<(SlotId, Side, u16)>,
     accept_armed: bool,
     accept_retry_at: Option<Instant>,
+    /// The listener's own address when it names one host address: then every accepted socket
+    /// has it as its local address, and no `getsockname` per connection is needed.
+    listen_local: Option<SocketAddr>,
     wake_armed: bool,
     /// Set when stopping: the time by which the kernel must have let go of our memory.
     stop_deadline: Option<Instant>,
@@ -124,6 +127,11 @@ impl<F: ProxyFactory> Worker<F> {
             .map_err(setup("register its provided-buffer ring"))?;
         // Socket operations poll rather than use kernel worker threads, but cap them anyway.
         let _ = ring.submitter().register_iowq_max_workers(&mut [4, 4]);
+        let listen_local = shared
+            .listener
+            .local_addr()
+            .ok()
+            .filter(|a| !a.ip().is_unspecified());
         let now = Instant::now();
         let cx = Cx {
             sqes: Vec::with_capacity(cfg.ring_entries as usize),
@@ -150,6 +158,7 @@ impl<F: ProxyFactory> Worker<F> {
             starved: VecDeque::new(),
             accept_armed: false,
             accept_retry_at: None,
+            listen_local,
             wake_armed: false,
             stop_deadline: None,
             drain: None,
@@ -389,11 +398,13 @@ impl<F: ProxyFactory> Worker<F> {
             gen: self.gens[key],
         };
         // A wildcard listener's socket knows which of the host's addresses the client chose.
-        let local = socket
-            .local_addr()
-            .ok()
-            .and_then(|a| a.as_socket())
-            .unwrap_or(peer);
+        let local = self.listen_local.unwrap_or_else(|| {
+            socket
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_socket())
+                .unwrap_or(peer)
+        });
         let session = self.factory.new_session(peer, local, self.cx.now);
         let conn = entry.insert(Conn::new(session, socket));
         self.cx.stats.sessions_open += 1;
@@ -425,9 +436,12 @@ impl<F: ProxyFactory> Worker<F> {
         }
     }
 
+    /// One accept at a time, re-armed after each connection, rather than a multishot accept:
+    /// the kernel wakes the listener's waiters in queue order and a multishot accept never
+    /// leaves the head, so one worker took every connection (tuning.md, "Accepts").
     fn arm_accept(&mut self) {
         let fd = Fd(self.shared.listener.as_raw_fd());
-        let entry = opcode::AcceptMulti::new(fd)
+        let entry = opcode::Accept::new(fd, std::ptr::null_mut(), std::ptr::null_mut())
             .flags(libc::SOCK_CLOEXEC)
             .build()
             .user_data(userdata::ACCEPT);
