@@ -6,9 +6,10 @@
 //! whose relayhost is the guard), a character-mode "telnet" client (one byte per write) and a
 //! raw BDAT client. Upstreams: a private Postfix (`tests/postfix_common`, read back from its
 //! hold queue) and aiosmtpd (`tests/aiosmtpd_common`). Each test is one client against one
-//! upstream (`starttls_to_*`: swaks, smtplib and Postfix's client over TLS terminated by the
-//! guard, `starttls = "terminate"`); the upstream and the guard are started once per test, not
-//! per message.
+//! upstream (`starttls_to_*`: swaks, smtplib, lettre and Postfix's client over TLS terminated
+//! by the guard, `starttls = "terminate"`); the upstream and the guard are started once per
+//! test, not per message. Both upstreams offer AUTH PLAIN and LOGIN for one account (Postfix
+//! through Cyrus SASL), and every cell checks which messages arrived authenticated.
 //!
 //! What "arrived intact" means, precisely ([`assert_delivered`]):
 //! - the message as the client put it on the wire, with dot-stuffing undone (RFC 5321 4.5.2:
@@ -33,6 +34,7 @@ use common::*;
 use lettre::message::header::{ContentTransferEncoding, ContentType};
 use lettre::message::{Attachment, Body, MultiPart, SinglePart};
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
+use lettre::transport::smtp::client::{Certificate, CertificateStore, Tls, TlsParameters};
 use lettre::transport::smtp::extension::ClientId;
 use lettre::{Message, SmtpTransport, Transport};
 use postfix_common::{Postfix, PostfixBuilder};
@@ -58,9 +60,11 @@ struct Received {
     sender: String,
     rcpts: Vec<String>,
     message: Vec<u8>,
-    /// MAIL parameters and AUTH login: only aiosmtpd reports them.
+    /// MAIL parameters: only aiosmtpd reports them.
     mail_options: Vec<String>,
     smtputf8: bool,
+    /// The AUTH login the upstream accepted for the session (Postfix: its log's
+    /// `sasl_username=`).
     auth: Option<String>,
 }
 
@@ -70,8 +74,10 @@ enum Mta {
 }
 
 impl Mta {
+    /// A Postfix that offers AUTH (Cyrus SASL with its own sasldb) for the account every
+    /// client here logs in with, as aiosmtpd does.
     fn postfix() -> Mta {
-        Mta::Postfix(PostfixBuilder::new().start())
+        Mta::Postfix(PostfixBuilder::new().sasl(AUTH_USER, AUTH_PASSWORD).start())
     }
 
     fn aiosmtpd() -> Mta {
@@ -100,11 +106,11 @@ impl Mta {
                 .into_iter()
                 .map(|q| Received {
                     message: lf_to_crlf(&p.message(&q.id)),
+                    auth: p.sasl_username(&q.id),
                     sender: q.sender,
                     rcpts: q.recipients,
                     mail_options: Vec::new(),
                     smtputf8: false,
-                    auth: None,
                 })
                 .collect(),
             Mta::Aiosmtpd(a) => a
@@ -312,12 +318,17 @@ fn base64_decode(text: &[u8]) -> Vec<u8> {
 // lettre
 // ---------------------------------------------------------------------------------------------
 
+/// Sends `msg` with lettre through the guard, logging in with `auth`, over STARTTLS with `tls`
+/// (`Tls::Required`: lettre gives up rather than send in clear).
 #[track_caller]
-fn lettre_send(g: &Guard, msg: &Message, auth: Option<Mechanism>) {
+fn lettre_send(g: &Guard, msg: &Message, auth: Option<Mechanism>, tls: Option<TlsParameters>) {
     let mut b = SmtpTransport::builder_dangerous("127.0.0.1")
         .port(g.addr.port())
         .hello_name(ClientId::Domain(CLIENT_NAME.to_string()))
         .timeout(Some(Duration::from_secs(30)));
+    if let Some(t) = tls {
+        b = b.tls(Tls::Required(t));
+    }
     if let Some(m) = auth {
         b = b
             .credentials(Credentials::new(AUTH_USER.into(), AUTH_PASSWORD.into()))
@@ -330,33 +341,31 @@ fn lettre_send(g: &Guard, msg: &Message, auth: Option<Mechanism>) {
     assert_eq!(resp.code().to_string(), "250", "{resp:?}");
 }
 
-/// lettre: 8-bit text with a binary attachment, an SMTPUTF8 sender; with aiosmtpd also AUTH
-/// PLAIN and LOGIN.
+/// lettre: 8-bit text with a binary attachment, an SMTPUTF8 sender, AUTH PLAIN and LOGIN.
 fn lettre_cell(mta: &Mta) {
     let g = guard(mta);
-    let mut sent = vec![("lettre-8bit@x.test".to_string(), 0)];
-    sent.push(("jörg-lettre@x.test".to_string(), 0));
-    let auth = matches!(mta, Mta::Aiosmtpd(_));
-    if auth {
-        sent.push(("lettre-plain@x.test".to_string(), 1));
-        sent.push(("lettre-login@x.test".to_string(), 2));
-    }
+    let sent = [
+        ("lettre-8bit@x.test".to_string(), 0),
+        ("jörg-lettre@x.test".to_string(), 0),
+        ("lettre-plain@x.test".to_string(), 1),
+        ("lettre-login@x.test".to_string(), 2),
+    ];
     let msgs: Vec<Message> = sent
         .iter()
         .map(|(from, _)| mime_message(from, &format!("lettre-{}", from.len()), 20_000))
         .collect();
     for ((_, how), msg) in sent.iter().zip(&msgs) {
         let mech = [None, Some(Mechanism::Plain), Some(Mechanism::Login)][*how];
-        lettre_send(&g, msg, mech);
+        lettre_send(&g, msg, mech, None);
     }
     let got = mta.received();
     for ((from, how), msg) in sent.iter().zip(&msgs) {
         let r = assert_delivered(mta, &got, from, &wire(msg), 0);
         assert_eq!(last_base64_part(&r.message), last_base64_part(&wire(msg)));
+        assert_eq!(r.auth.as_deref(), (*how > 0).then_some(AUTH_USER), "{from}");
         if let Mta::Aiosmtpd(_) = mta {
             assert!(r.mail_options.iter().any(|o| o == "BODY=8BITMIME"), "{r:?}");
             assert_eq!(r.smtputf8, !from.is_ascii(), "{from}: SMTPUTF8");
-            assert_eq!(r.auth.is_some(), *how > 0, "{from}: AUTH");
         }
     }
     assert_eq!(got.len(), sent.len(), "no other message arrived");
@@ -387,8 +396,7 @@ with open(dump, "wb") as f:
     f.write(data)
 "#;
 
-/// smtplib: 8-bit MIME with `BODY=8BITMIME`, an SMTPUTF8 sender; with aiosmtpd AUTH PLAIN
-/// and LOGIN.
+/// smtplib: 8-bit MIME with `BODY=8BITMIME`, an SMTPUTF8 sender, AUTH PLAIN and LOGIN.
 fn smtplib_cell(mta: &Mta) {
     let g = guard(mta);
     let dir = TempDir::new();
@@ -402,18 +410,15 @@ fn smtplib_cell(mta: &Mta) {
             json!({"mail_options": ["BODY=8BITMIME", "SMTPUTF8"]}),
         ),
     ];
-    if matches!(mta, Mta::Aiosmtpd(_)) {
-        for mech in ["PLAIN", "LOGIN"] {
-            cases.push((
-                if mech == "PLAIN" {
-                    "smtplib-plain@x.test"
-                } else {
-                    "smtplib-login@x.test"
-                },
-                json!({"mail_options": ["BODY=8BITMIME"],
-                       "auth": [AUTH_USER, AUTH_PASSWORD, mech]}),
-            ));
-        }
+    for (from, mech) in [
+        ("smtplib-plain@x.test", "PLAIN"),
+        ("smtplib-login@x.test", "LOGIN"),
+    ] {
+        cases.push((
+            from,
+            json!({"mail_options": ["BODY=8BITMIME"],
+                   "auth": [AUTH_USER, AUTH_PASSWORD, mech]}),
+        ));
     }
     let mut sent = Vec::new();
     for (i, (from, mut spec)) in cases.into_iter().enumerate() {
@@ -429,10 +434,11 @@ fn smtplib_cell(mta: &Mta) {
     for (from, data, spec) in &sent {
         let r = assert_delivered(mta, &got, from, data, 0);
         assert_eq!(last_base64_part(&r.message), last_base64_part(data));
+        let login = spec.get("auth").map(|_| AUTH_USER);
+        assert_eq!(r.auth.as_deref(), login, "{from}: AUTH");
         if let Mta::Aiosmtpd(_) = mta {
             assert!(r.mail_options.iter().any(|o| o == "BODY=8BITMIME"), "{r:?}");
             assert_eq!(r.smtputf8, !from.is_ascii(), "{from}: SMTPUTF8");
-            assert_eq!(r.auth.is_some(), spec.get("auth").is_some(), "{from}: AUTH");
         }
     }
     assert_eq!(got.len(), sent.len(), "no other message arrived");
@@ -517,7 +523,7 @@ fn swaks_sent(transcript: &str) -> Vec<u8> {
 }
 
 /// swaks: a whole 8-bit MIME message (`--data`), a binary `--attach`, `--pipeline` when the
-/// upstream offers PIPELINING (Postfix), AUTH PLAIN and LOGIN when it offers AUTH (aiosmtpd).
+/// upstream offers PIPELINING (Postfix), AUTH PLAIN and LOGIN.
 fn swaks_cell(mta: &Mta) {
     let g = guard(mta);
     let dir = TempDir::new();
@@ -558,7 +564,7 @@ fn swaks_cell(mta: &Mta) {
     );
     sent.push((from, swaks_sent(&t), Some(binary)));
 
-    if !postfix {
+    {
         for (from, mech) in [
             ("swaks-plain@x.test", "PLAIN"),
             ("swaks-login@x.test", "LOGIN"),
@@ -587,9 +593,8 @@ fn swaks_cell(mta: &Mta) {
         if let Some(b) = attachment {
             assert!(last_base64_part(&r.message) == *b, "{from}: attachment");
         }
-        if from.contains("plain") || from.contains("login") {
-            assert_eq!(r.auth.as_deref(), Some(AUTH_USER), "{from}");
-        }
+        let login = (from.contains("plain") || from.contains("login")).then_some(AUTH_USER);
+        assert_eq!(r.auth.as_deref(), login, "{from}");
     }
     assert_eq!(got.len(), sent.len(), "no other message arrived");
 }
@@ -647,12 +652,11 @@ fn wait_relayed(client: &Postfix, mta: &Mta, n: usize) -> Vec<Received> {
 }
 
 /// Postfix's client: 8-bit MIME (`sendmail -B 8BITMIME`) and an SMTPUTF8 sender, pipelined
-/// when the upstream offers PIPELINING (Postfix); with SASL AUTH PLAIN when it offers AUTH
-/// (aiosmtpd).
+/// when the upstream offers PIPELINING (Postfix), logged in with SASL AUTH PLAIN.
 fn postfix_client_cell(mta: &Mta) {
     let g = guard(mta);
     let aio = matches!(mta, Mta::Aiosmtpd(_));
-    let client = relay_client(&g, aio).start();
+    let client = relay_client(&g, true).start();
     if !aio {
         // Postfix's client pipelines whenever the server offers it; make sure it was offered.
         let ehlo = g.client().ehlo();
@@ -669,10 +673,10 @@ fn postfix_client_cell(mta: &Mta) {
     for (from, msg) in &sent {
         let r = assert_delivered(mta, &got, from, msg, 1);
         assert_eq!(last_base64_part(&r.message), last_base64_part(msg));
+        assert_eq!(r.auth.as_deref(), Some(AUTH_USER), "{from}: AUTH");
         if aio {
             assert!(r.mail_options.iter().any(|o| o == "BODY=8BITMIME"), "{r:?}");
             assert_eq!(r.smtputf8, !from.is_ascii(), "{from}: SMTPUTF8");
-            assert_eq!(r.auth.as_deref(), Some(AUTH_USER), "{from}: AUTH");
         }
     }
     assert_eq!(got.len(), sent.len(), "no other message arrived");
@@ -778,13 +782,13 @@ fn base64_decoder_round_trips_a_known_value() {
 // ---------------------------------------------------------------------------------------------
 
 /// STARTTLS terminated by the guard (`starttls = "terminate"`, the upstream leg in plain text):
-/// swaks `--tls` and smtplib `starttls()`, both verifying the guard's certificate, and Postfix's
-/// client with `smtp_tls_security_level = encrypt` (it refuses to send in clear); each sends
-/// 8-bit MIME with an attachment. With aiosmtpd, smtplib also authenticates inside TLS.
+/// swaks `--tls`, smtplib `starttls()` and lettre (`Tls::Required`, rustls), all verifying the
+/// guard's certificate against the test CA alone, and Postfix's client with
+/// `smtp_tls_security_level = encrypt` (it refuses to send in clear); each sends 8-bit MIME with
+/// an attachment. smtplib and lettre also authenticate (AUTH PLAIN) inside TLS.
 fn starttls_cell(mta: &Mta) {
     let pki = Pki::new();
     let g = Guard::start(mta.addr(), Some(&format!("{POLICY}{}", pki.policy(""))));
-    let aio = matches!(mta, Mta::Aiosmtpd(_));
     let dir = TempDir::new();
     let ca = pki.ca();
     let mut sent = Vec::new();
@@ -812,14 +816,17 @@ fn starttls_cell(mta: &Mta) {
         "smtplib.eml",
         &wire(&mime_message(from, "smtplib-tls", 20_000)),
     );
-    let mut spec = json!({"file": path_str(&file), "starttls": ca,
-                          "mail_options": ["BODY=8BITMIME"]});
-    if aio {
-        spec["auth"] = json!([AUTH_USER, AUTH_PASSWORD, "PLAIN"]);
-    }
+    let spec = json!({"file": path_str(&file), "starttls": ca,
+                      "mail_options": ["BODY=8BITMIME"],
+                      "auth": [AUTH_USER, AUTH_PASSWORD, "PLAIN"]});
     let s = smtplib_client::send(SMTPLIB, g.addr, from, RCPT, &spec, from);
     assert_eq!(s.status, "ok", "{from}: {s:?}");
     sent.push((from, s.data, 0));
+
+    let from = "lettre-tls@x.test";
+    let msg = mime_message(from, "lettre-tls", 20_000);
+    lettre_send(&g, &msg, Some(Mechanism::Plain), Some(lettre_tls(&pki)));
+    sent.push((from, wire(&msg), 0));
 
     let client = relay_client(&g, false)
         .set("smtp_tls_security_level", "encrypt")
@@ -836,11 +843,22 @@ fn starttls_cell(mta: &Mta) {
     for (from, msg, extra) in &sent {
         let r = assert_delivered(mta, &got, from, msg, *extra);
         assert_eq!(last_base64_part(&r.message), last_base64_part(msg));
-        if aio && from.starts_with("smtplib") {
-            assert_eq!(r.auth.as_deref(), Some(AUTH_USER), "{from}: AUTH in TLS");
-        }
+        let login =
+            (from.starts_with("smtplib") || from.starts_with("lettre")).then_some(AUTH_USER);
+        assert_eq!(r.auth.as_deref(), login, "{from}: AUTH in TLS");
     }
     assert_eq!(got.len(), sent.len(), "no other message arrived");
+}
+
+/// lettre's TLS parameters for the guard's certificate: the test CA is the only root (no system
+/// or bundled store), so a verification that passes proves the guard presented its own chain.
+fn lettre_tls(pki: &Pki) -> TlsParameters {
+    let pem = std::fs::read(pki.ca()).expect("read the test CA");
+    TlsParameters::builder("127.0.0.1".to_string())
+        .certificate_store(CertificateStore::None)
+        .add_root_certificate(Certificate::from_pem(&pem).expect("the test CA parses"))
+        .build()
+        .expect("lettre TLS parameters")
 }
 
 #[test]

@@ -12,8 +12,11 @@
 //!
 //! main.cf overrides ([`PostfixBuilder::set`]) replace the base setting of the same name (or are
 //! added): `smtpd_authorized_xclient_hosts`, `smtpd_upstream_proxy_protocol`, TLS, etc.
+//! [`PostfixBuilder::sasl`] makes the smtpd offer AUTH PLAIN and LOGIN through Cyrus SASL with a
+//! sasldb file of its own (no saslauthd, nothing shared with the system).
 //!
-//! Needs the Debian package `postfix` (`.ci/run` installs it) and root (Postfix's master runs
+//! Needs the Debian package `postfix` (`.ci/run` installs it; `sasl2-bin` and
+//! `libsasl2-modules` for SASL) and root (Postfix's master runs
 //! as root). Without them a test fails and says so; it never passes silently. This module owns
 //! no SMTP logic of its own and never touches the guard.
 
@@ -116,11 +119,15 @@ pub fn postconf_knows(name: &str) -> bool {
     ok && out.starts_with(name)
 }
 
+/// The one realm of [`PostfixBuilder::sasl`] accounts (`smtpd_sasl_local_domain`).
+const SASL_REALM: &str = "sasl.test.invalid";
+
 /// How to start a private instance.
 #[derive(Default)]
 pub struct PostfixBuilder {
     overrides: Vec<(String, String)>,
     relayhost: Option<SocketAddr>,
+    sasl: Option<(String, String)>,
 }
 
 impl PostfixBuilder {
@@ -167,6 +174,13 @@ impl PostfixBuilder {
             .set("smtpd_tls_security_level", "may")
     }
 
+    /// The smtpd offers AUTH PLAIN and LOGIN, in clear too (loopback only), and knows one
+    /// account; [`Postfix::sasl_username`] tells which account sent a message.
+    pub fn sasl(mut self, user: &str, password: &str) -> PostfixBuilder {
+        self.sasl = Some((user.to_string(), password.to_string()));
+        self
+    }
+
     /// A relaying client: mail from [`Postfix::sendmail`] goes to `host` with Postfix's SMTP
     /// client (`relayhost = [ip]:port`, no MX lookup).
     pub fn relayhost(mut self, host: SocketAddr) -> PostfixBuilder {
@@ -175,11 +189,14 @@ impl PostfixBuilder {
     }
 
     #[track_caller]
-    pub fn start(self) -> Postfix {
+    pub fn start(mut self) -> Postfix {
         assert_can_run();
         let dir = TempDir::new();
         let port = free_port_in_range();
         make_dirs(&dir);
+        if let Some((user, password)) = self.sasl.take() {
+            self = self.sasl_server(&dir, &user, &password);
+        }
         dir.write("main.cf", self.main_cf(&dir.path).as_bytes());
         dir.write(
             "master.cf",
@@ -204,6 +221,50 @@ impl PostfixBuilder {
             pf.log()
         );
         pf
+    }
+
+    /// Cyrus SASL for the smtpd: `DIR/sasl/smtpd.conf` (the name Cyrus derives from
+    /// `smtpd_sasl_path = smtpd`) checking passwords against `DIR/sasl/sasldb2` itself (auxprop),
+    /// so no saslauthd runs. The smtpd is not chrooted here (master.cf), so the absolute path
+    /// holds; it runs as `postfix`, which must read the file. Every account lives in one realm
+    /// set on both sides, so nothing depends on how Cyrus would guess it from the host name.
+    #[track_caller]
+    fn sasl_server(self, dir: &TempDir, user: &str, password: &str) -> PostfixBuilder {
+        let conf = dir.path.join("sasl");
+        std::fs::create_dir_all(&conf).expect("create the SASL config directory");
+        let db = conf.join("sasldb2");
+        let (ok, out, err) = run_bounded(
+            Command::new("saslpasswd2")
+                .arg("-f")
+                .arg(&db)
+                .args(["-p", "-c", "-u", SASL_REALM, user]),
+            Some(password.as_bytes()),
+        );
+        assert!(
+            ok,
+            "saslpasswd2 (install it as .ci/run does: apt-get install -y sasl2-bin \
+             libsasl2-modules): {}{}",
+            String::from_utf8_lossy(&out),
+            String::from_utf8_lossy(&err)
+        );
+        let (ok, out) = run(Command::new("chown").arg("postfix").arg(&db));
+        assert!(ok, "chown postfix {}: {out}", db.display());
+        std::fs::write(
+            conf.join("smtpd.conf"),
+            format!(
+                "pwcheck_method: auxprop\nauxprop_plugin: sasldb\nmech_list: PLAIN LOGIN\n\
+                 sasldb_path: {}\n",
+                db.display()
+            ),
+        )
+        .expect("write smtpd.conf");
+        self.set("smtpd_sasl_auth_enable", "yes")
+            .set("smtpd_sasl_path", "smtpd")
+            .set("smtpd_sasl_type", "cyrus")
+            .set("cyrus_sasl_config_path", &conf.display().to_string())
+            .set("smtpd_sasl_local_domain", SASL_REALM)
+            .set("smtpd_sasl_security_options", "noanonymous")
+            .set("smtpd_tls_auth_only", "no")
     }
 
     fn main_cf(&self, d: &Path) -> String {
@@ -414,6 +475,28 @@ impl Postfix {
             String::from_utf8_lossy(&err)
         );
         out
+    }
+
+    /// The SASL login the smtpd logged for queued message `id` (`sasl_username=` on its
+    /// `client=` line, without the `@realm` the smtpd appends), `None` if that session did not
+    /// authenticate. Waits (bounded) for the
+    /// line, which postlogd may write a moment after the message was queued.
+    pub fn sasl_username(&self, id: &str) -> Option<String> {
+        let prefix = format!("{id}: client=");
+        let mut line = None;
+        wait_for(WAIT, || {
+            line = self
+                .log()
+                .lines()
+                .find(|l| l.contains(&prefix))
+                .map(str::to_string);
+            line.is_some()
+        });
+        let line = line.unwrap_or_else(|| panic!("no `{prefix}` line in\n{}", self.log()));
+        let at = line.find("sasl_username=")? + "sasl_username=".len();
+        let name = line[at..].split([',', ' ']).next().unwrap_or_default();
+        let suffix = format!("@{SASL_REALM}");
+        Some(name.strip_suffix(&suffix).unwrap_or(name).to_string())
     }
 
     /// Waits (bounded by `timeout`) until the queue holds `n` messages; returns them.
