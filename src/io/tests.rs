@@ -437,32 +437,6 @@ fn client_closing_early_releases_the_slot() {
 }
 
 #[test]
-fn both_workers_take_connections() {
-    const CLIENTS: usize = 8;
-    let (up, up_thread) = upstream(CLIENTS, |mut stream| {
-        let _ = drain_until_eof(&mut stream);
-    });
-    let proxy = Proxied::start(up, |_| {});
-    // Held open, one after another: a worker that took one must not take them all.
-    let clients: Vec<TcpStream> = (0..CLIENTS).map(|_| proxy.connect()).collect();
-    proxy.wait_stats(|s| s.sessions_open == CLIENTS as u64);
-    let per_worker: Vec<u64> = proxy
-        .server
-        .as_ref()
-        .expect("running")
-        .stats()
-        .iter()
-        .map(|w| w.sessions_total)
-        .collect();
-    assert_eq!(per_worker.iter().sum::<u64>(), CLIENTS as u64);
-    assert!(per_worker.iter().all(|&n| n > 0), "{per_worker:?}");
-    drop(clients);
-    proxy.wait_stats(|s| s.sessions_open == 0);
-    proxy.shutdown();
-    up_thread.join().expect("upstream");
-}
-
-#[test]
 fn reconnecting_upstream_keeps_the_session_working() {
     const ROUNDS: usize = 20;
     let (up, up_thread) = upstream(ROUNDS + 1, echo);
