@@ -31,7 +31,7 @@ use crate::proto::{Identity, Refusal, Session};
 use crate::proxy_header;
 use crate::relay::{Action, Chunk, Proxy, ProxyFactory, Side};
 use crate::tally::{self, End, EngineTotals, Event, SessionReport, Watch};
-use crate::tls::{self, Sides};
+use crate::tls::{Received, Sides};
 
 /// The policy in force, replaced as a whole on reload. Readers look at the generation (one
 /// atomic load per accept) and take the lock only when it changed.
@@ -384,12 +384,11 @@ impl GuardSession {
         let Some(tls) = &mut self.tls.client else {
             return;
         };
-        let was_handshaking = tls.is_handshaking();
-        let mut plain = Vec::new();
-        let mut wire = Vec::new();
-        let ok = tls.receive(data, &mut plain, &mut wire);
-        let established = was_handshaking && !tls.is_handshaking();
-        tls::push_wire(out, Side::Client, &mut wire);
+        let Received {
+            ok,
+            established,
+            plain,
+        } = tls.take_in(data, out);
         if !ok {
             self.fail_tls(out);
             return;
@@ -411,12 +410,11 @@ impl GuardSession {
         let Some(tls) = &mut self.tls.upstream else {
             return;
         };
-        let was_handshaking = tls.is_handshaking();
-        let mut plain = Vec::new();
-        let mut wire = Vec::new();
-        let ok = tls.receive(data, &mut plain, &mut wire);
-        let established = was_handshaking && !tls.is_handshaking();
-        tls::push_wire(out, Side::Upstream, &mut wire);
+        let Received {
+            ok,
+            established,
+            plain,
+        } = tls.take_in(data, out);
         if !ok {
             let error = tls.error().unwrap_or("connection failed").to_string();
             self.tls.upstream = None;

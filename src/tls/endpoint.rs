@@ -102,6 +102,21 @@ impl Endpoint {
         !self.failed
     }
 
+    /// [`Endpoint::receive`] for one read from the ring: queues what TLS owes the peer, and
+    /// says whether this read finished the handshake.
+    pub fn take_in(&mut self, ciphertext: &[u8], actions: &mut Vec<Action>) -> Received {
+        let was_handshaking = self.is_handshaking();
+        let mut plain = Vec::new();
+        let mut wire = Vec::new();
+        let ok = self.receive(ciphertext, &mut plain, &mut wire);
+        push_wire(actions, self.side, &mut wire);
+        Received {
+            ok,
+            established: was_handshaking && !self.is_handshaking(),
+            plain,
+        }
+    }
+
     fn take_plaintext(&mut self, plain: &mut Vec<u8>) {
         let mut reader = self.conn.reader();
         loop {
@@ -200,8 +215,19 @@ impl Endpoint {
     }
 }
 
+/// What one read of ciphertext gave.
+#[derive(Debug)]
+pub struct Received {
+    /// False once the connection failed: the caller ends it without a reply.
+    pub ok: bool,
+    /// This read completed the handshake.
+    pub established: bool,
+    /// The plaintext it yielded.
+    pub plain: Vec<u8>,
+}
+
 /// Queues the records written so far for `side`.
-pub fn push_wire(actions: &mut Vec<Action>, side: Side, wire: &mut Vec<u8>) {
+fn push_wire(actions: &mut Vec<Action>, side: Side, wire: &mut Vec<u8>) {
     if !wire.is_empty() {
         actions.push(Action::Send(side, Chunk::Owned(std::mem::take(wire))));
     }

@@ -12,6 +12,6 @@ mod endpoint;
 mod files;
 mod sides;
 
-pub use endpoint::{push_wire, Endpoint};
+pub use endpoint::{Endpoint, Received};
 pub use files::{certificates, load_client_config, load_server_config, read, TlsError};
 pub use sides::Sides;
